@@ -1,0 +1,36 @@
+"""The one place where fxcache touches private or unstable torch APIs.
+
+Keeping them here means a torch upgrade breaks at most this file. Supported: torch >= 2.11.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.utils._pytree as pytree  # private, but the only pytree API that export's in/out specs use
+
+__all__ = ["pytree", "keystr", "tree_flatten_with_path", "draft_export", "TORCH_VERSION", "OP_TYPES", "unlift"]
+
+TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+
+keystr = pytree.keystr
+
+#: operator objects that appear as targets of aten-level call_function nodes
+OP_TYPES = (torch._ops.OpOverload, torch._ops.OpOverloadPacket, torch._ops.HigherOrderOperator)
+tree_flatten_with_path = pytree.tree_flatten_with_path
+
+
+def draft_export(model, args, kwargs):
+    """``torch.export.draft_export`` when this torch has it, else ``None``."""
+    fn = getattr(torch.export, "draft_export", None)
+    if fn is None:
+        return None
+    return fn(model, args, kwargs)
+
+
+def unlift(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+    """``ep.module()`` without the ``_guards_fn`` call_module that newer torch inserts (fxcache keys graphs by input
+    shapes and values itself, and keeps graphs free of call_module nodes)."""
+    try:
+        return ep.module(check_guards=False)
+    except TypeError:  # torch without the check_guards argument inserts no _guards_fn either
+        return ep.module()

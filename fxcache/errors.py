@@ -1,0 +1,30 @@
+"""Exceptions raised by fxcache. Every message names the cause and what the user can do."""
+
+from __future__ import annotations
+
+
+class FxCacheError(Exception):
+    """Base class of every fxcache error."""
+
+
+class InputError(FxCacheError, ValueError):
+    """Arguments given to an fxcache entry point are malformed (missing argument, wrong type, ...)."""
+
+
+class TraceError(FxCacheError, RuntimeError):
+    """A model could not be captured as a graph.
+
+    Attributes name where it broke: ``module_path`` (the innermost submodule that was running, "" for the root),
+    ``operation`` (the source line that failed) and ``location`` (file:line).
+    """
+
+    def __init__(self, message: str, *, module_path: str | None = None, operation: str | None = None,
+                 location: str | None = None):
+        super().__init__(message)
+        self.module_path = module_path
+        self.operation = operation
+        self.location = location
+
+
+class IRError(FxCacheError, AssertionError):
+    """A graph broke one of fxcache's IR invariants (see :func:`fxcache.ir.verify`)."""

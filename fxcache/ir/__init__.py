@@ -1,0 +1,20 @@
+"""fxcache's graph IR: node metadata, stable node identity, invariants and a canonical dump."""
+
+from fxcache.ir.dump import dump, fingerprint
+from fxcache.ir.meta import (
+    FXCACHE_META_KEY,
+    NodeInfo,
+    get_info,
+    info,
+    key_of,
+    module_path_of,
+    module_paths_of,
+    op_name,
+    set_info,
+)
+from fxcache.ir.verify import verify
+
+__all__ = [
+    "FXCACHE_META_KEY", "NodeInfo", "dump", "fingerprint", "get_info", "info", "key_of", "module_path_of",
+    "module_paths_of", "op_name", "set_info", "verify",
+]

@@ -1,0 +1,6 @@
+"""Graph passes. One pass per file; each is an :class:`~fxcache.passes.base.FxPass` verified after it runs."""
+
+from fxcache.passes.annotate_nodes import AnnotateNodes
+from fxcache.passes.base import FxPass, PassResult, run_passes
+
+__all__ = ["AnnotateNodes", "FxPass", "PassResult", "run_passes"]

@@ -1,0 +1,338 @@
+"""trace: capture any denoiser as an exact FX graph and discover its structure.
+
+``fxcache.trace(model, example_inputs)`` captures ``model.forward`` with ``torch.export`` (non-strict), annotates
+every node with a stable key, checks the IR invariants and discovers stacks, blocks, residual stream and input
+roles from the graph (:mod:`fxcache.analysis.structure`). The result, a :class:`TracedDenoiser`, is a drop-in
+callable with the model's own signature and output structure.
+"""
+
+from __future__ import annotations
+
+import inspect
+import linecache
+import logging
+import os
+import traceback
+from collections import OrderedDict
+from typing import Any, Callable
+
+import torch
+import torch.fx
+
+from fxcache import _compat
+from fxcache.analysis.structure import Stack, Structure, discover_structure
+from fxcache.errors import FxCacheError, InputError, TraceError
+from fxcache.ir import dump as _dump
+from fxcache.ir import fingerprint as _fingerprint
+from fxcache.passes import AnnotateNodes, run_passes
+
+log = logging.getLogger(__name__)
+
+__all__ = ["trace", "TracedDenoiser"]
+
+_LEAF_TYPES = (torch.Tensor, type(None), bool, int, float, str, torch.dtype, torch.device, torch.memory_format)
+_MAX_SHAPE_VARIANTS = 8
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# arguments
+
+
+class _Signature:
+    """Binds calls to ``model.forward``'s signature and normalises them the same way at trace and call time."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.owner = type(model).__name__
+        try:
+            self.sig = inspect.signature(model.forward)
+        except (TypeError, ValueError) as e:  # builtins without a signature
+            raise InputError(f"cannot read the signature of {self.owner}.forward: {e}") from e
+        self.params = self.sig.parameters
+        self.has_return_dict = "return_dict" in self.params
+        # python numbers passed where the signature admits a tensor become tensors, so the graph takes them as
+        # inputs instead of baking them in (a UNet's `timestep: Tensor | float | int`)
+        self.tensor_params = {n for n, p in self.params.items() if "Tensor" in str(p.annotation)}
+
+    def describe(self) -> str:
+        return f"{self.owner}.forward{self.sig}"
+
+    def bind(self, args: tuple, kwargs: dict, what: str) -> tuple[tuple, dict, bool]:
+        """Returns ``(args, kwargs, want_dict)``: the call as the graph takes it, and the return_dict asked for."""
+        try:
+            bound = self.sig.bind(*args, **kwargs)
+        except TypeError as e:
+            raise InputError(f"{what} do not match {self.describe()}: {e}") from None
+        bound.apply_defaults()
+        call_args: list[Any] = []
+        call_kwargs: dict[str, Any] = {}
+        for name, value in bound.arguments.items():
+            kind = self.params[name].kind
+            if name in self.tensor_params and isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = torch.tensor(value)
+            if kind is inspect.Parameter.VAR_POSITIONAL:
+                call_args.extend(value)
+            elif kind is inspect.Parameter.POSITIONAL_ONLY:
+                call_args.append(value)
+            elif kind is inspect.Parameter.VAR_KEYWORD:
+                call_kwargs.update(value)
+            else:
+                call_kwargs[name] = value
+        want_dict = True
+        if self.has_return_dict:
+            want_dict = bool(call_kwargs.get("return_dict", True))
+            call_kwargs["return_dict"] = True
+        self._check_leaves(call_args, call_kwargs, what)
+        return tuple(call_args), call_kwargs, want_dict
+
+    def _check_leaves(self, args, kwargs, what):
+        for path, leaf in _compat.tree_flatten_with_path((args, kwargs))[0]:
+            if not isinstance(leaf, _LEAF_TYPES):
+                raise InputError(
+                    f"{what}: argument {_leaf_name(path)!r} is a {type(leaf).__module__}.{type(leaf).__qualname__}; "
+                    "fxcache captures tensors, numbers, strings, None and lists/tuples/dicts of them"
+                    + (" (convert the array with torch.from_numpy)" if type(leaf).__module__ == "numpy" else ""))
+
+    @staticmethod
+    def key(args: tuple, kwargs: dict) -> tuple:
+        """What a captured graph is specialised on: tensor shapes/dtypes/devices and every non-tensor value."""
+        parts = []
+        for path, leaf in _compat.tree_flatten_with_path((args, kwargs))[0]:
+            if isinstance(leaf, torch.Tensor):
+                parts.append((_compat.keystr(path), tuple(leaf.shape), leaf.dtype, leaf.device.type))
+            else:
+                parts.append((_compat.keystr(path), repr(leaf)))
+        return tuple(parts)
+
+
+def _leaf_name(path) -> str:
+    """``(SequenceKey(1), MappingKey('added_cond_kwargs'), MappingKey('resolution'))`` -> ``added_cond_kwargs.resolution``."""
+    out = ""
+    for i, k in enumerate(path[1:] if path else path):
+        if hasattr(k, "key"):
+            out += ("." if out else "") + str(k.key)
+        elif hasattr(k, "idx"):
+            out += f"arg{k.idx}" if i == 0 and path[0].idx == 0 else f"[{k.idx}]"
+        else:
+            out += ("." if out else "") + str(getattr(k, "name", k))
+    return out
+
+
+def _input_names(args: tuple, kwargs: dict) -> list[str]:
+    return [_leaf_name(p) for p, _ in _compat.tree_flatten_with_path((args, kwargs))[0]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# capture
+
+
+def _frames(exc: BaseException):
+    seen: set[int] = set()
+    chain = []
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for e in reversed(chain):  # the innermost exception's frames are the most precise
+        yield from traceback.walk_tb(e.__traceback__)
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_FXCACHE_DIR = os.path.dirname(__file__)
+
+
+def _locate(exc: BaseException, model: torch.nn.Module) -> tuple[str | None, str | None, str | None, str | None]:
+    """(module path, module class, failing source line, file:line) of an exception raised inside ``model``."""
+    modules = {id(m): name for name, m in model.named_modules()}
+    module_path = module_cls = operation = location = None
+    for frame, lineno in _frames(exc):
+        owner = frame.f_locals.get("self")
+        if owner is not None and id(owner) in modules:
+            module_path, module_cls = modules[id(owner)], type(owner).__name__
+        fname = frame.f_code.co_filename
+        if fname.startswith((_TORCH_DIR, _FXCACHE_DIR)) or "/lib/python3" in fname and "-packages" not in fname:
+            continue
+        operation = linecache.getline(fname, lineno).strip() or operation
+        location = f"{fname}:{lineno}"
+    return module_path, module_cls, operation, location
+
+
+def _advice(exc: BaseException) -> str:
+    text = f"{type(exc).__name__} {exc}"
+    if "data-dependent" in text or "DataDependent" in text or "GuardOnDataDependent" in text:
+        return ("this line branches on (or reads) tensor values; rewrite it with torch.where / torch.cond, or move "
+                "the check out of forward")
+    if "pytree" in text.lower() or "flatten" in text.lower():
+        return ("an input or output has a type torch.export cannot flatten; register it with "
+                "torch.utils._pytree.register_pytree_node or pass plain tensors")
+    return "make this submodule exportable with torch.export (non-strict), or report it with this message"
+
+
+def _trace_error(model, exc: BaseException, tried: list[str]) -> TraceError:
+    path, cls, op, loc = _locate(exc, model)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    where = f"module '{path}' ({cls})" if path else "the top-level module"
+    if path == "":
+        where = f"the top-level module ({cls})"
+    msg = (f"fxcache.trace could not capture {type(model).__name__}: it broke in {where}"
+           + (f" at `{op}` ({loc})" if op else "") + f".\n  cause: {type(exc).__name__}: {first}"
+           + f"\n  tried: {', '.join(tried)}\n  what you can do: {_advice(exc)}")
+    return TraceError(msg, module_path=path, operation=op, location=loc)
+
+
+def _strategies() -> list[tuple[str, Callable]]:
+    return [
+        ("torch.export(strict=False)",
+         lambda m, a, k: torch.export.export(m, a, k, strict=False)),
+        ("torch.export.draft_export (data-dependent branches specialised to the example values)",
+         lambda m, a, k: _compat.draft_export(m, a, k)),
+    ]
+
+
+def _capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.GraphModule, str]:
+    tried: list[str] = []
+    first_error: BaseException | None = None
+    for name, fn in _strategies():
+        try:
+            ep = fn(model, args, kwargs)
+        except Exception as e:  # torch.export raises many unrelated types; each is reported below
+            first_error = first_error or e
+            tried.append(name)
+            log.info("capture with %s failed: %s: %s", name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            continue
+        if ep is None:  # strategy not available in this torch
+            continue
+        if tried:
+            log.warning("captured %s with %s after %s failed", type(model).__name__, name, ", ".join(tried))
+        return _compat.unlift(ep), name
+    assert first_error is not None
+    raise _trace_error(model, first_error, tried) from first_error
+
+
+def _annotate(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
+    return run_passes(gm, [AnnotateNodes(_input_names(args, kwargs))])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# public API
+
+
+class TracedDenoiser(torch.nn.Module):
+    """A captured denoiser: call it like the original model; inspect ``.blocks``, ``.stacks``, ``.structure``.
+
+    It holds the exported graph (``.graph_module``) whose parameters are the original model's (no copy). A call
+    with other input shapes or other non-tensor values than the example is captured anew for those (logged),
+    so a call never runs a graph specialised to different inputs.
+    """
+
+    def __init__(self, model: torch.nn.Module, signature: _Signature, graph_module: torch.fx.GraphModule,
+                 key: tuple, structure: Structure, strategy: str):
+        super().__init__()
+        object.__setattr__(self, "_model", model)  # not a submodule: its parameters are graph_module's already
+        self._signature = signature
+        self.graph_module = graph_module
+        self.structure = structure
+        self.capture_strategy = strategy
+        self._key = key
+        self._variants: OrderedDict[tuple, torch.fx.GraphModule] = OrderedDict()
+
+    # -- structure ------------------------------------------------------------------------------------------------
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model
+
+    @property
+    def blocks(self) -> list[str]:
+        """Block module paths in execution order (all stacks)."""
+        return self.structure.blocks
+
+    @property
+    def stacks(self) -> tuple[Stack, ...]:
+        return self.structure.stacks
+
+    @property
+    def step_input(self) -> str | None:
+        return self.structure.step_input
+
+    @property
+    def sample_input(self) -> str | None:
+        return self.structure.sample_input
+
+    @property
+    def conditioning_inputs(self) -> tuple[str, ...]:
+        return self.structure.conditioning_inputs
+
+    def dump(self) -> str:
+        """Canonical text of the captured graph (see :func:`fxcache.ir.dump`)."""
+        return _dump(self.graph_module)
+
+    @property
+    def fingerprint(self) -> str:
+        return _fingerprint(self.graph_module)
+
+    # -- calling ----------------------------------------------------------------------------------------------------
+    def _graph_for(self, key: tuple, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
+        if key == self._key:
+            return self.graph_module
+        gm = self._variants.get(key)
+        if gm is None:
+            log.info("re-capturing %s for new input shapes/values (differs from the traced example)",
+                     type(self._model).__name__)
+            gm, _ = _capture(self._model, args, kwargs)
+            gm = _annotate(gm, args, kwargs)
+            self._variants[key] = gm
+            if len(self._variants) > _MAX_SHAPE_VARIANTS:
+                self._variants.popitem(last=False)
+        else:
+            self._variants.move_to_end(key)
+        return gm
+
+    def forward(self, *args, **kwargs):
+        args, kwargs, want_dict = self._signature.bind(args, kwargs, "call arguments")
+        gm = self._graph_for(_Signature.key(args, kwargs), args, kwargs)
+        out = gm(*args, **kwargs)
+        if not want_dict:
+            if hasattr(out, "to_tuple"):
+                return out.to_tuple()
+            if isinstance(out, dict):
+                return tuple(out.values())
+        return out
+
+    def extra_repr(self) -> str:
+        return f"model={type(self._model).__name__}, blocks={len(self.blocks)}, step_input={self.step_input!r}"
+
+
+def trace(model: torch.nn.Module, example_inputs: dict | tuple, *, step_input: str | None = None) -> TracedDenoiser:
+    """Capture ``model`` (a diffusers transformer / U-Net or any ``nn.Module`` denoiser) as a graph.
+
+    ``example_inputs`` is a dict of keyword arguments or a tuple of positional ones for one denoiser call.
+    ``step_input`` names the timestep/sigma argument when automatic detection picks the wrong one.
+
+    Raises :class:`fxcache.InputError` for bad ``example_inputs`` and :class:`fxcache.TraceError` (naming the module
+    path and the operation that broke) when no capture strategy works.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"trace() needs a torch.nn.Module denoiser, got {type(model).__qualname__}")
+    if isinstance(example_inputs, dict):
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, tuple):
+        args, kwargs = example_inputs, {}
+    else:
+        raise InputError("example_inputs must be a dict of keyword arguments or a tuple of positional arguments, "
+                         f"got {type(example_inputs).__qualname__}")
+    if model.training:
+        log.warning("%s is in training mode: dropout and similar layers are captured as in training; call "
+                    ".eval() first for inference", type(model).__name__)
+    signature = _Signature(model)
+    args, kwargs, _ = signature.bind(args, kwargs, "example_inputs")
+    if not any(isinstance(leaf, torch.Tensor) for leaf in _compat.pytree.tree_leaves((args, kwargs))):
+        raise InputError("example_inputs contain no tensor: pass the tensors of one real denoiser call")
+    gm, strategy = _capture(model, args, kwargs)
+    try:
+        gm = _annotate(gm, args, kwargs)
+        structure = discover_structure(gm, step_input=step_input)
+    except FxCacheError:
+        raise
+    log.info("captured %s with %s: %d nodes\n%s", type(model).__name__, strategy, len(gm.graph.nodes),
+             structure.summary())
+    return TracedDenoiser(model, signature, gm, _Signature.key(args, kwargs), structure, strategy)
