@@ -159,7 +159,7 @@ def _locate(exc: BaseException, model: torch.nn.Module) -> tuple[str | None, str
 
 def _advice(exc: BaseException) -> str:
     text = f"{type(exc).__name__} {exc}"
-    if "data-dependent" in text or "DataDependent" in text or "GuardOnDataDependent" in text:
+    if any(k in text for k in ("data-dependent", "DataDependent", "SymInt", "SymBool", "SymFloat")):
         return ("this line branches on (or reads) tensor values; rewrite it with torch.where / torch.cond, or move "
                 "the check out of forward")
     if "pytree" in text.lower() or "flatten" in text.lower():
@@ -290,7 +290,16 @@ class TracedDenoiser(torch.nn.Module):
     def forward(self, *args, **kwargs):
         args, kwargs, want_dict = self._signature.bind(args, kwargs, "call arguments")
         gm = self._graph_for(_Signature.key(args, kwargs), args, kwargs)
-        out = gm(*args, **kwargs)
+        try:
+            out = gm(*args, **kwargs)
+        except RuntimeError as e:
+            if "Runtime assertion failed" not in str(e):
+                raise
+            # a graph specialised on data-dependent values (draft_export) met inputs that take another branch:
+            # its assertion fired, so the graph would be wrong for them; the eager model is right
+            log.warning("%s: inputs violate an assumption the captured graph was specialised on (%s); running "
+                        "the eager model for this call", type(self._model).__name__, str(e).splitlines()[0])
+            out = self._model(*args, **kwargs)
         if not want_dict:
             if hasattr(out, "to_tuple"):
                 return out.to_tuple()

@@ -303,21 +303,13 @@ class _Analysis:
         return max(candidates, key=score, default=None)
 
     def _find_step(self, sample, override: str | None):
+        """The step input and every candidate, best first: per-sample scalars that feed a sinusoidal embedding
+        (``sin``/``cos``) rank first; a conventional name breaks ties, then argument order."""
         tensors = self._tensor_inputs()
-        if override is not None:
-            for n in tensors:
-                if self._input_name(n) == override:
-                    return n, [n]
-            names = ", ".join(self._input_name(n) for n in tensors)
-            raise InputError(f"step_input={override!r} is not a tensor input of the model; tensor inputs are: {names}")
-
-        def scalar_per_sample(n):
-            v = n.meta["val"]
-            return v.dim() <= 1 and v.dtype != torch.bool and n is not sample
-
         scored = []
         for order, n in enumerate(tensors):
-            if not scalar_per_sample(n):
+            v = n.meta["val"]
+            if v.dim() > 1 or v.dtype == torch.bool or n is sample:
                 continue
             sinusoid = any(op_name(d) in _SINUSOID_OPS for d in nx.descendants(self.dg, n))
             named = self._input_name(n).split(".")[-1].lower() in _STEP_NAMES
@@ -325,7 +317,13 @@ class _Analysis:
                 scored.append((-(2 * sinusoid + named), order, n))
         scored.sort(key=lambda t: t[:2])
         cands = [n for _, _, n in scored]
-        return (cands[0] if cands else None), cands
+        if override is None:
+            return (cands[0] if cands else None), cands
+        for n in tensors:
+            if self._input_name(n) == override:
+                return n, cands
+        names = ", ".join(self._input_name(n) for n in tensors)
+        raise InputError(f"step_input={override!r} is not a tensor input of the model; tensor inputs are: {names}")
 
     # -- block interfaces ------------------------------------------------------------------------------------
     def _lineage(self, block_of: dict[torch.fx.Node, str]) -> dict[torch.fx.Node, frozenset[str]]:
@@ -341,8 +339,8 @@ class _Analysis:
                 lineage[n] = frozenset([block])
         return lineage
 
-    def _consumers(self, out: torch.fx.Node, own: str, block_of) -> set[str]:
-        """Blocks (or "output") reached from ``out`` through non-block nodes."""
+    def _consumers(self, out: torch.fx.Node, own: str, block_of, lineage) -> set[str]:
+        """Blocks (or "output") reached from ``out`` through non-block nodes (and pass-through casts/views)."""
         found, seen, frontier = set(), set(), list(out.users)
         while frontier:
             n = frontier.pop()
@@ -351,7 +349,7 @@ class _Analysis:
             seen.add(n)
             if n.op == "output":
                 found.add("output")
-            elif n in block_of:
+            elif n in block_of and lineage[n] == {block_of[n]}:
                 if block_of[n] != own:
                     found.add(block_of[n])
             else:
@@ -389,7 +387,7 @@ class _Analysis:
                 own = set(self.module_nodes[p])
                 outs = [n for n in self.module_nodes[p]
                         if lineage[n] == {p} and any(u not in own for u in n.users)]
-                consumers = {n: self._consumers(n, p, block_of) for n in outs}
+                consumers = {n: self._consumers(n, p, block_of, lineage) for n in outs}
                 stream_out = [n for n in outs if nxt in consumers[n]]
                 skip_out = [n for n in outs if consumers[n] - {nxt, "output"}]
                 stream_out_shapes = {tuple(n.meta["val"].shape) for n in stream_out

@@ -1,0 +1,115 @@
+"""Plain PyTorch denoisers written here, with no diffusers code, to check fxcache needs no per-model knowledge."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def sinusoidal(t: torch.Tensor, dim: int) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+        self.ada = nn.Linear(dim, 6 * dim)
+
+    def forward(self, x, c):
+        s1, b1, g1, s2, b2, g2 = self.ada(torch.nn.functional.silu(c))[:, None].chunk(6, dim=-1)
+        h = self.norm1(x) * (1 + s1) + b1
+        x = x + g1 * self.attn(h, h, h, need_weights=False)[0]
+        h = self.norm2(x) * (1 + s2) + b2
+        return x + g2 * self.mlp(h)
+
+
+class TinyDiT(nn.Module):
+    """A DiT with adaLN-zero blocks, class conditioning and learned sigma, in 50 lines of plain PyTorch."""
+
+    def __init__(self, in_ch=4, size=8, patch=2, dim=32, depth=3, heads=2, classes=10):
+        super().__init__()
+        self.patch, self.in_ch = patch, in_ch
+        self.x_embed = nn.Conv2d(in_ch, dim, patch, stride=patch)
+        self.pos = nn.Parameter(torch.randn(1, (size // patch) ** 2, dim) * 0.02)
+        self.t_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.y_embed = nn.Embedding(classes, dim)
+        self.blocks = nn.ModuleList([Block(dim, heads) for _ in range(depth)])
+        self.final_norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.final = nn.Linear(dim, patch * patch * in_ch * 2)
+        self.dim = dim
+
+    def forward(self, x, t, y):
+        b, _, h, w = x.shape
+        tokens = self.x_embed(x).flatten(2).transpose(1, 2) + self.pos
+        c = self.t_mlp(sinusoidal(t, self.dim)) + self.y_embed(y)
+        for blk in self.blocks:
+            tokens = blk(tokens, c)
+        out = self.final(self.final_norm(tokens))
+        p = self.patch
+        out = out.reshape(b, h // p, w // p, p, p, 2 * self.in_ch).permute(0, 5, 1, 3, 2, 4)
+        return out.reshape(b, 2 * self.in_ch, h, w)
+
+
+class ParallelHeads(nn.Module):
+    """Numbered modules that do *not* chain (each reads the same input): not a block stack."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.heads = nn.ModuleList([nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+                                    for _ in range(3)])
+
+    def forward(self, x, t):
+        return sum(h(x) for h in self.heads) * t[:, None]
+
+
+class DataDependent(nn.Module):
+    """A model whose submodule branches on tensor values: cannot be captured as one graph."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.inner = Gate(dim)
+
+    def forward(self, x, t):
+        return self.inner(x) * t[:, None]
+
+
+class Gate(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.lin = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        y = self.lin(x)
+        n = int(torch.nonzero(y > 0).shape[0])
+        return y[:, : max(n, 1)].sum(-1, keepdim=True).expand_as(y) if n % 2 else y
+
+
+class Untraceable(nn.Module):
+    """Python logic on tensor values that no capture strategy can specialise (hashing data-dependent sizes)."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.inner = Lengths(dim)
+
+    def forward(self, x, t):
+        return self.inner(x) * t[:, None]
+
+
+class Lengths(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.lin = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        y = self.lin(x)
+        lengths = [row.sum().item() for row in (y > 0)]
+        return y * len(set(lengths))
