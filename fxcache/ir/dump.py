@@ -77,7 +77,8 @@ def dump(gm: torch.fx.GraphModule) -> str:
             continue
         typ = _node_type(gm, node)
         if node.op in ("placeholder", "get_attr"):
-            lines.append(f"%{key} : {typ}")
+            role = info(node).role
+            lines.append(f"%{key} : {typ}" + (f"  # {role}" if role else ""))
             continue
         args = ", ".join([_fmt_arg(a) for a in node.args] + [f"{k}={_fmt_arg(v)}" for k, v in node.kwargs.items()])
         lines.append(f"%{key} = {op_name(node)}({args}) : {typ}")

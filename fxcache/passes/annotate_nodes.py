@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch.fx
 
-from fxcache.ir.meta import NodeInfo, module_path_of, op_name, set_info
+from fxcache.ir.meta import NodeInfo, get_info, module_path_of, op_name, set_info
 from fxcache.passes.base import FxPass, PassResult
 
 
@@ -48,5 +48,9 @@ class AnnotateNodes(FxPass):
                 ordinal = ordinals[(path, op)]
                 ordinals[(path, op)] += 1
                 key = f"{path or '<root>'}/{op}#{ordinal}"
-            set_info(node, NodeInfo(key=key, module_path=path))
+            old = get_info(node)
+            if old is None:
+                set_info(node, NodeInfo(key=key, module_path=path))
+            else:  # re-annotating keeps what later analyses recorded (block, role)
+                old.key, old.module_path = key, path
         return PassResult(graph_module, True)
