@@ -75,3 +75,14 @@ def test_node_metadata_names_blocks(traced):
     blocks = set(td.blocks)
     seen = {fxcache.ir.info(n).block for n in td.graph_module.graph.nodes} - {None}
     assert seen == blocks
+
+
+def test_graph_shares_the_models_parameters():
+    """Tracing must not copy weights (a FLUX-size model is 24 GB)."""
+    model, inputs = zoo.build("sd3")
+    td = fxcache.trace(model, inputs)
+    own = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    graph = {k: v.data_ptr() for k, v in td.graph_module.state_dict().items()}
+    shared = [k for k in graph if k in own]
+    assert shared and all(graph[k] == own[k] for k in shared)
+    assert "_model" not in dict(td.named_children())  # the original model is not registered twice
