@@ -170,12 +170,11 @@ def _advice(exc: BaseException) -> str:
 
 def _trace_error(model, exc: BaseException, tried: list[str]) -> TraceError:
     path, cls, op, loc = _locate(exc, model)
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     where = f"module '{path}' ({cls})" if path else "the top-level module"
     if path == "":
         where = f"the top-level module ({cls})"
     msg = (f"fxcache.trace could not capture {type(model).__name__}: it broke in {where}"
-           + (f" at `{op}` ({loc})" if op else "") + f".\n  cause: {type(exc).__name__}: {first}"
+           + (f" at `{op}` ({loc})" if op else "") + f".\n  cause: {_one_line(exc)}"
            + f"\n  tried: {', '.join(tried)}\n  what you can do: {_advice(exc)}")
     return TraceError(msg, module_path=path, operation=op, location=loc)
 
@@ -206,7 +205,32 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.f
             log.warning("captured %s with %s after %s failed", type(model).__name__, name, ", ".join(tried))
         return _compat.unlift(ep), name
     assert first_error is not None
+    eager_error = _eager_failure(model, args, kwargs)
+    if eager_error is not None:
+        path, cls, op, loc = _locate(eager_error, model)
+        raise InputError(
+            f"{type(model).__name__} fails on these example inputs even without fxcache (eager call): "
+            f"{_one_line(eager_error)}" + (f"\n  at `{op}` ({loc})" if op else "")
+            + (f" in module '{path}' ({cls})" if path else "")
+            + "\n  what you can do: pass the arguments of a real denoiser call") from eager_error
     raise _trace_error(model, first_error, tried) from first_error
+
+
+def _eager_failure(model, args, kwargs) -> BaseException | None:
+    """The exception the eager model raises on these inputs, or None when it runs."""
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as e:  # any failure of the user's model is reported as such
+        return e
+    return None
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    if len(text) > limit:  # keep both ends: a long repr comes first, the actual reason usually last
+        text = text[: limit // 2] + " ... " + text[-limit // 2:]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _annotate(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> torch.fx.GraphModule:

@@ -70,3 +70,16 @@ def test_unknown_step_input_override():
     model, inputs = zoo.build("dit")
     with pytest.raises(fxcache.InputError, match="step_input='sigma'.*tensor inputs are: hidden_states, timestep"):
         fxcache.trace(model, inputs, step_input="sigma")
+
+
+def test_inputs_that_break_the_eager_model_are_reported_as_such():
+    class Strict(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x, t, options=None):
+            return self.lin(x) * t[:, None] * options["scale"]
+
+    with pytest.raises(fxcache.InputError, match=r"(?s)fails on these example inputs even without fxcache.*options\["):
+        fxcache.trace(Strict(), {"x": torch.randn(2, 4), "t": torch.ones(2)})

@@ -83,10 +83,43 @@ def _case(name):
                    timestep=torch.tensor([500.0] * B), original_size=torch.tensor([[8, 8]] * B),
                    target_size=torch.tensor([[8, 8]] * B), crop_coords=torch.tensor([[0, 0]] * B))
         return m, inp, [["transformer_blocks.0", "transformer_blocks.1"]]
+    if name == "qwen_image":
+        m = D.QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                          axes_dims_rope=(2, 2, 4))
+        inp = dict(hidden_states=torch.randn(B, 16, 16), encoder_hidden_states=torch.randn(B, 8, 16),
+                   encoder_hidden_states_mask=torch.ones(B, 8), timestep=torch.tensor([0.5] * B),
+                   img_shapes=[(1, 4, 4)] * B)
+        return m, inp, [["transformer_blocks.0", "transformer_blocks.1"]]
+    if name == "hunyuan_video":  # its text refiner blocks are conditioning prep, not the backbone
+        m = D.HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                             num_layers=1, num_single_layers=2, num_refiner_layers=1, patch_size=1,
+                                             patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8,
+                                             rope_axes_dim=(2, 2, 4))
+        inp = dict(hidden_states=torch.randn(B, 4, 1, 8, 8), timestep=torch.tensor([500] * B),
+                   encoder_hidden_states=torch.randn(B, 8, 16), encoder_attention_mask=torch.ones(B, 8),
+                   pooled_projections=torch.randn(B, 8), guidance=torch.tensor([3500.0] * B))
+        return m, inp, [["transformer_blocks.0"], ["single_transformer_blocks.0", "single_transformer_blocks.1"]]
+    if name == "allegro":
+        m = D.AllegroTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                        num_layers=2, cross_attention_dim=16, sample_height=8, sample_width=8,
+                                        sample_frames=2, caption_channels=16)
+        inp = dict(hidden_states=torch.randn(B, 4, 2, 8, 8), encoder_hidden_states=torch.randn(B, 8, 16),
+                   timestep=torch.tensor([500] * B))
+        return m, inp, [["transformer_blocks.0", "transformer_blocks.1"]]
+    if name == "stable_audio":
+        m = D.StableAudioDiTModel(sample_size=8, in_channels=4, num_layers=2, attention_head_dim=8,
+                                  num_attention_heads=2, num_key_value_attention_heads=1, out_channels=4,
+                                  cross_attention_dim=16, time_proj_dim=8, global_states_input_dim=8,
+                                  cross_attention_input_dim=16)
+        inp = dict(hidden_states=torch.randn(B, 4, 8), timestep=torch.tensor([500.0] * B),
+                   encoder_hidden_states=torch.randn(B, 8, 16), global_hidden_states=torch.randn(B, 1, 8))
+        return m, inp, [["transformer_blocks.0", "transformer_blocks.1"]]
     raise KeyError(name)
 
 
-@pytest.mark.parametrize("name", ["hunyuan_dit", "auraflow", "ltx_video", "unet3d", "cogview4"])
+@pytest.mark.parametrize("name", ["hunyuan_dit", "auraflow", "ltx_video", "unet3d", "cogview4", "qwen_image",
+                                  "hunyuan_video", "allegro", "stable_audio"])
 @torch.no_grad()
 def test_other_diffusers_models(name):
     model, inputs, expected = _case(name)
