@@ -8,6 +8,15 @@ from fxcache.trace import TracedDenoiser, trace
 __version__ = "0.1.0"
 
 __all__ = [
-    "Block", "FxCacheError", "IRError", "InputError", "Stack", "Structure", "TraceError", "TracedDenoiser", "ir",
-    "trace", "__version__",
+    "Block",
+    "FxCacheError",
+    "IRError",
+    "InputError",
+    "Stack",
+    "Structure",
+    "TraceError",
+    "TracedDenoiser",
+    "__version__",
+    "ir",
+    "trace",
 ]

@@ -14,21 +14,22 @@ import logging
 import os
 import traceback
 from collections import OrderedDict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.fx
 
 from fxcache import _compat
 from fxcache.analysis.structure import Stack, Structure, discover_structure
-from fxcache.errors import FxCacheError, InputError, TraceError
+from fxcache.errors import InputError, TraceError
 from fxcache.ir import dump as _dump
 from fxcache.ir import fingerprint as _fingerprint
 from fxcache.passes import AnnotateNodes, run_passes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["trace", "TracedDenoiser"]
+__all__ = ["TracedDenoiser", "trace"]
 
 _LEAF_TYPES = (torch.Tensor, type(None), bool, int, float, str, torch.dtype, torch.device, torch.memory_format)
 _MAX_SHAPE_VARIANTS = 8
@@ -170,9 +171,7 @@ def _advice(exc: BaseException) -> str:
 
 def _trace_error(model, exc: BaseException, tried: list[str]) -> TraceError:
     path, cls, op, loc = _locate(exc, model)
-    where = f"module '{path}' ({cls})" if path else "the top-level module"
-    if path == "":
-        where = f"the top-level module ({cls})"
+    where = f"module '{path}' ({cls})" if path else f"the top-level module ({cls or type(model).__name__})"
     msg = (f"fxcache.trace could not capture {type(model).__name__}: it broke in {where}"
            + (f" at `{op}` ({loc})" if op else "") + f".\n  cause: {_one_line(exc)}"
            + f"\n  tried: {', '.join(tried)}\n  what you can do: {_advice(exc)}")
@@ -361,11 +360,8 @@ def trace(model: torch.nn.Module, example_inputs: dict | tuple, *, step_input: s
     if not any(isinstance(leaf, torch.Tensor) for leaf in _compat.pytree.tree_leaves((args, kwargs))):
         raise InputError("example_inputs contain no tensor: pass the tensors of one real denoiser call")
     gm, strategy = _capture(model, args, kwargs)
-    try:
-        gm = _annotate(gm, args, kwargs)
-        structure = discover_structure(gm, step_input=step_input)
-    except FxCacheError:
-        raise
+    gm = _annotate(gm, args, kwargs)
+    structure = discover_structure(gm, step_input=step_input)
     log.info("captured %s with %s: %d nodes\n%s", type(model).__name__, strategy, len(gm.graph.nodes),
              structure.summary())
     return TracedDenoiser(model, signature, gm, _Signature.key(args, kwargs), structure, strategy)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Iterable
+from collections.abc import Iterable
 
 import networkx as nx
 import torch
@@ -364,7 +364,7 @@ class _Analysis:
                 block_of.setdefault(n, p)
         lineage = self._lineage(block_of)
         from_sample = nx.descendants(self.dg, sample) | {sample} if sample is not None else set()
-        key = lambda n: info(n).key  # noqa: E731
+        key = lambda n: info(n).key
 
         def block_inputs(p):
             own = set(self.module_nodes[p])

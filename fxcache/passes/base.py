@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import ClassVar, Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult

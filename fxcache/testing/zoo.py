@@ -8,11 +8,12 @@ fxcache never depends on it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-__all__ = ["ZooEntry", "ZOO", "build", "names"]
+__all__ = ["ZOO", "ZooEntry", "build", "names"]
 
 
 @dataclasses.dataclass(frozen=True)
