@@ -8,9 +8,7 @@ from __future__ import annotations
 import torch
 import torch.utils._pytree as pytree  # private, but the only pytree API that export's in/out specs use
 
-__all__ = ["OP_TYPES", "TORCH_VERSION", "draft_export", "keystr", "pytree", "tree_flatten_with_path", "unlift"]
-
-TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+__all__ = ["OP_TYPES", "draft_export", "keystr", "pytree", "tree_flatten_with_path", "unlift"]
 
 keystr = pytree.keystr
 

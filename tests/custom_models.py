@@ -71,18 +71,20 @@ class ParallelHeads(nn.Module):
         return sum(h(x) for h in self.heads) * t[:, None]
 
 
-class DataDependent(nn.Module):
-    """A model whose submodule branches on tensor values: cannot be captured as one graph."""
+class ScaledByStep(nn.Module):
+    """``inner(x) * t``: a minimal denoiser around one submodule, so capture failures can be placed in ``inner``."""
 
-    def __init__(self, dim=8):
+    def __init__(self, inner: nn.Module):
         super().__init__()
-        self.inner = Gate(dim)
+        self.inner = inner
 
     def forward(self, x, t):
         return self.inner(x) * t[:, None]
 
 
 class Gate(nn.Module):
+    """Branches on tensor values: torch.export fails, draft_export specialises the branch behind an assertion."""
+
     def __init__(self, dim):
         super().__init__()
         self.lin = nn.Linear(dim, dim)
@@ -93,18 +95,9 @@ class Gate(nn.Module):
         return y[:, : max(n, 1)].sum(-1, keepdim=True).expand_as(y) if n % 2 else y
 
 
-class Untraceable(nn.Module):
-    """Python logic on tensor values that no capture strategy can specialise (hashing data-dependent sizes)."""
-
-    def __init__(self, dim=8):
-        super().__init__()
-        self.inner = Lengths(dim)
-
-    def forward(self, x, t):
-        return self.inner(x) * t[:, None]
-
-
 class Lengths(nn.Module):
+    """Hashes data-dependent sizes in Python (as Lumina2 does): no capture strategy can specialise it."""
+
     def __init__(self, dim):
         super().__init__()
         self.lin = nn.Linear(dim, dim)
@@ -113,3 +106,11 @@ class Lengths(nn.Module):
         y = self.lin(x)
         lengths = [row.sum().item() for row in (y > 0)]
         return y * len(set(lengths))
+
+
+def DataDependent(dim: int = 8) -> nn.Module:  # noqa: N802 - reads like the model class it builds
+    return ScaledByStep(Gate(dim))
+
+
+def Untraceable(dim: int = 8) -> nn.Module:  # noqa: N802
+    return ScaledByStep(Lengths(dim))

@@ -10,17 +10,14 @@ from fxcache._compat import OP_TYPES
 
 FXCACHE_META_KEY = "fxcache"
 
-#: role of a graph input, as discovered by :mod:`fxcache.analysis.structure`
-INPUT_ROLES = ("sample", "step", "conditioning", "other")
-
-
 @dataclasses.dataclass
 class NodeInfo:
     """What fxcache records about one node.
 
     ``key`` is the node's stable identity: module path + op + ordinal (never ``node.name``, which changes when a
     graph is re-traced). ``module_path`` is the innermost module that executed the op ("" for the root module).
-    ``block`` is the discovered block the node belongs to, if any; ``role`` is set on graph inputs.
+    ``block`` is the discovered block the node belongs to, if any; ``role`` is set on graph inputs: one of
+    ``sample``, ``step``, ``conditioning``, ``other`` (see :mod:`fxcache.analysis.structure`).
     """
 
     key: str
