@@ -1,6 +1,8 @@
 """fxcache: diffusion caching as graph transformation over torch.fx."""
 
 from fxcache import ir
+from fxcache.analysis.points import CachePoint
+from fxcache.analysis.profile import Profile, ProfileError, profile
 from fxcache.analysis.structure import Block, Stack, Structure
 from fxcache.errors import FxCacheError, InputError, IRError, TraceError
 from fxcache.trace import TracedDenoiser, trace
@@ -9,14 +11,18 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Block",
+    "CachePoint",
     "FxCacheError",
     "IRError",
     "InputError",
+    "Profile",
+    "ProfileError",
     "Stack",
     "Structure",
     "TraceError",
     "TracedDenoiser",
     "__version__",
     "ir",
+    "profile",
     "trace",
 ]

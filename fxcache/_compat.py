@@ -6,9 +6,10 @@ Keeping them here means a torch upgrade breaks at most this file. Supported: tor
 from __future__ import annotations
 
 import torch
+import torch.fx
 import torch.utils._pytree as pytree  # private, but the only pytree API that export's in/out specs use
 
-__all__ = ["OP_TYPES", "draft_export", "keystr", "pytree", "tree_flatten_with_path", "unlift"]
+__all__ = ["OP_TYPES", "copy_codegen", "draft_export", "keystr", "pytree", "tree_flatten_with_path", "unlift"]
 
 keystr = pytree.keystr
 
@@ -32,3 +33,11 @@ def unlift(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
         return ep.module(check_guards=False)
     except TypeError:  # torch without the check_guards argument inserts no _guards_fn either
         return ep.module()
+
+
+def copy_codegen(src: torch.fx.Graph, dst: torch.fx.Graph) -> None:
+    """Give ``dst`` the calling convention of ``src`` (export's pytree flattening of inputs and outputs lives in the
+    private ``Graph._codegen``)."""
+    import copy
+
+    dst._codegen = copy.copy(src._codegen)  # shallow: the pytree specs inside are immutable

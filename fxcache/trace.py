@@ -352,6 +352,11 @@ def trace(model: torch.nn.Module, example_inputs: dict | tuple, *, step_input: s
     else:
         raise InputError("example_inputs must be a dict of keyword arguments or a tuple of positional arguments, "
                          f"got {type(example_inputs).__qualname__}")
+    return trace_call(model, args, kwargs, step_input=step_input)
+
+
+def trace_call(model: torch.nn.Module, args: tuple, kwargs: dict, *, step_input: str | None = None) -> TracedDenoiser:
+    """:func:`trace` for one call given as positional and keyword arguments (what a sampler passed)."""
     if model.training:
         log.warning("%s is in training mode: dropout and similar layers are captured as in training; call "
                     ".eval() first for inference", type(model).__name__)

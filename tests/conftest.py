@@ -1,4 +1,5 @@
 import os
+import pathlib
 import sys
 
 import pytest
@@ -26,3 +27,17 @@ def max_abs_diff(a, b) -> float:
     xs, ys = outputs_of(a), outputs_of(b)
     assert len(xs) == len(ys), f"output count differs: {len(xs)} vs {len(ys)}"
     return max((x - y).abs().max().item() for x, y in zip(xs, ys))
+
+
+GOLDEN = pathlib.Path(__file__).parent / "golden"
+#: regenerate golden files with: FXCACHE_UPDATE_GOLDEN=1 python -m pytest tests -k golden
+UPDATE_GOLDEN = os.environ.get("FXCACHE_UPDATE_GOLDEN") == "1"
+
+
+def check_golden(filename: str, text: str) -> None:
+    """Compare ``text`` with ``tests/golden/<filename>`` (or rewrite it when FXCACHE_UPDATE_GOLDEN=1)."""
+    path = GOLDEN / filename
+    if UPDATE_GOLDEN:
+        path.write_text(text)
+    assert path.exists(), f"missing {path}: run FXCACHE_UPDATE_GOLDEN=1 python -m pytest tests -k golden"
+    assert text == path.read_text(), f"{filename} drifted from {path}; if intended, regenerate (see conftest.py)"

@@ -1,21 +1,15 @@
 """IR: stable node keys, verify() invariants, the canonical dump and fingerprint, and golden dumps."""
 
-import os
-import pathlib
 
 import pytest
 import torch
 import torch.fx
 
 import fxcache
+from conftest import check_golden
 from fxcache import ir
 from fxcache.errors import IRError
 from fxcache.testing import zoo
-
-GOLDEN = pathlib.Path(__file__).parent / "golden"
-#: regenerate with: FXCACHE_UPDATE_GOLDEN=1 python -m pytest tests/test_ir.py
-UPDATE = os.environ.get("FXCACHE_UPDATE_GOLDEN") == "1"
-
 
 def _traced(name):
     model, inputs = zoo.build(name)
@@ -25,12 +19,7 @@ def _traced(name):
 @pytest.mark.parametrize("name", ["dit", "unet2d"])
 def test_golden_dump(name):
     pytest.importorskip("diffusers")
-    text = _traced(name).dump()
-    path = GOLDEN / f"{name}.graph.txt"
-    if UPDATE:
-        path.write_text(text)
-    assert path.exists(), f"missing {path}: run FXCACHE_UPDATE_GOLDEN=1 python -m pytest tests/test_ir.py"
-    assert text == path.read_text(), f"graph of {name} drifted from {path}; if intended, regenerate (see file top)"
+    check_golden(f"{name}.graph.txt", _traced(name).dump())
 
 
 def test_dump_is_identical_across_captures_and_keys_are_stable():

@@ -1,5 +1,6 @@
 """fxcache's graph IR: node metadata, stable node identity, invariants and a canonical dump."""
 
+from fxcache.ir.copy import copy_graph_module
 from fxcache.ir.dump import dump, fingerprint
 from fxcache.ir.meta import (
     FXCACHE_META_KEY,
@@ -15,6 +16,6 @@ from fxcache.ir.meta import (
 from fxcache.ir.verify import verify
 
 __all__ = [
-    "FXCACHE_META_KEY", "NodeInfo", "dump", "fingerprint", "get_info", "info", "key_of", "module_path_of",
+    "FXCACHE_META_KEY", "NodeInfo", "copy_graph_module", "dump", "fingerprint", "get_info", "info", "key_of", "module_path_of",
     "module_paths_of", "op_name", "set_info", "verify",
 ]

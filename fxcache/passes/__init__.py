@@ -2,5 +2,6 @@
 
 from fxcache.passes.annotate_nodes import AnnotateNodes
 from fxcache.passes.base import FxPass, PassResult, run_passes
+from fxcache.passes.insert_probes import InsertProbes
 
-__all__ = ["AnnotateNodes", "FxPass", "PassResult", "run_passes"]
+__all__ = ["AnnotateNodes", "FxPass", "InsertProbes", "PassResult", "run_passes"]

@@ -128,7 +128,7 @@ def _dit():
 
     return DiTTransformer2DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=3, sample_size=8,
-        patch_size=2, num_embeds_ada_norm=10, norm_type="ada_norm_zero",
+        patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero",  # 1000 classes + null, as DiTPipeline expects
     )
 
 

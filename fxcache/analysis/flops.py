@@ -1,0 +1,73 @@
+"""FLOPs of graph nodes, from the shapes export recorded in ``node.meta["val"]``.
+
+Matmul-like ops (linear, mm, bmm, matmul, addmm, baddbmm, convolution, scaled-dot-product attention) count
+2 FLOPs per multiply-add; every other op counts one FLOP per output element (elementwise work is small next to
+matmuls, but not zero: norms, activations and modulations of a skipped block are saved too).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx
+
+from fxcache.ir.meta import op_name
+
+__all__ = ["node_flops"]
+
+
+def _val(n) -> torch.Tensor | None:
+    v = n.meta.get("val") if isinstance(n, torch.fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _numel(n) -> int:
+    v = _val(n)
+    if v is not None:
+        return v.numel()
+    vals = n.meta.get("val") if isinstance(n, torch.fx.Node) else None
+    if isinstance(vals, (tuple, list)):
+        return sum(x.numel() for x in vals if isinstance(x, torch.Tensor))
+    return 0
+
+
+def _shape(n) -> tuple[int, ...] | None:
+    v = _val(n)
+    return tuple(v.shape) if v is not None else None
+
+
+def node_flops(node: torch.fx.Node) -> int:
+    """Floating-point operations of one node (0 for inputs, parameters, output and shape-only ops)."""
+    if node.op != "call_function":
+        return 0
+    op = op_name(node)
+    out = _numel(node)
+    args = node.args
+    if op.startswith("aten.linear"):
+        w = _shape(args[1])
+        return 2 * out * w[-1] if w else out
+    if op.startswith(("aten.mm", "aten.bmm", "aten.matmul", "aten.addmm", "aten.baddbmm")):
+        a = _shape(args[-2] if op.startswith(("aten.addmm", "aten.baddbmm")) else args[0])
+        return 2 * out * a[-1] if a else out
+    if op.startswith(("aten.conv", "aten.convolution", "aten._convolution")):
+        w = _shape(args[1])
+        if not w:
+            return out
+        transposed = op.startswith("aten.conv_transpose") or (
+            op.startswith(("aten.convolution", "aten._convolution")) and len(args) > 6 and bool(args[6]))
+        if transposed:  # weight is (C_in, C_out / groups, *k): each input element scatters into C_out/g * k outputs
+            return 2 * _numel(args[0]) * math.prod(w[1:])
+        return 2 * out * math.prod(w[1:])
+    if "scaled_dot_product" in op:
+        q, k, v = (_shape(a) for a in args[:3])
+        if not (q and k and v):
+            return out
+        batch = math.prod(q[:-2])
+        return 2 * batch * q[-2] * k[-2] * (q[-1] + v[-1])
+    if op.startswith(("aten.view", "aten.reshape", "aten._unsafe_view", "aten.expand", "aten.permute",
+                      "aten.transpose", "aten.t.", "aten.unsqueeze", "aten.squeeze", "aten.slice", "aten.select",
+                      "aten.alias", "aten.detach", "aten.split", "aten.chunk", "aten.unbind", "getitem",
+                      "aten.sym_size", "aten.flatten", "aten.unflatten", "aten.contiguous")):
+        return 0
+    return out
