@@ -4,12 +4,13 @@
 import pytest
 import torch
 import torch.fx
+from conftest import check_golden
 
 import fxcache
-from conftest import check_golden
 from fxcache import ir
 from fxcache.errors import IRError
 from fxcache.testing import zoo
+
 
 def _traced(name):
     model, inputs = zoo.build(name)

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import check_golden, max_abs_diff
 
 import fxcache
-from conftest import check_golden, max_abs_diff
 from fxcache.analysis import find_cache_points, find_signals
 from fxcache.analysis.flops import node_flops
 from fxcache.analysis.points import saved_flops, total_flops

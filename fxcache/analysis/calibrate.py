@@ -35,8 +35,8 @@ from fxcache import _compat
 from fxcache.analysis.points import CachePoint
 from fxcache.analysis.probes import ProbeSession
 from fxcache.errors import InputError
-from fxcache.predictors import PREDICTORS, history_needed, predict
 from fxcache.ir.meta import key_of
+from fxcache.predictors import PREDICTORS, history_needed, predict
 from fxcache.trace import TracedDenoiser, _Signature
 
 log = logging.getLogger(__name__)
@@ -290,9 +290,8 @@ class Calibration:
             self._push(record, values)
         if self.progress is not None and record.branch == 0:
             self.progress.update(1)
-        if not want_dict:
-            if hasattr(out, "to_tuple"):
-                return out.to_tuple()
+        if not want_dict and hasattr(out, "to_tuple"):
+            return out.to_tuple()
         return out
 
     def _advance(self, run: _Run, leaves) -> CallRecord:
@@ -518,9 +517,20 @@ def _final_tensor(final, what: str) -> torch.Tensor:
 
 
 def _diff_keys(a: tuple, b: tuple) -> str:
-    da, db = dict((x[0], x[1:]) for x in a), dict((x[0], x[1:]) for x in b)
-    diffs = [f"{k}: {_fmt(da.get(k))} -> {_fmt(db.get(k))}" for k in dict.fromkeys([*da, *db]) if da.get(k) != db.get(k)]
+    da, db = {x[0]: x[1:] for x in a}, {x[0]: x[1:] for x in b}
+    diffs = [f"{_arg_name(k)}: {_fmt(da.get(k))} -> {_fmt(db.get(k))}"
+             for k in dict.fromkeys([*da, *db]) if da.get(k) != db.get(k)]
     return "; ".join(diffs[:4]) or "(argument structure changed)"
+
+
+def _arg_name(keystr: str) -> str:
+    """``[1]['added_cond_kwargs']['text_embeds']`` -> ``added_cond_kwargs.text_embeds``; ``[0][2]`` -> ``arg2``."""
+    import re
+
+    if keystr.startswith("[0]"):
+        return re.sub(r"^\[0\]\[(\d+)\]", r"arg\1", keystr)
+    name = re.sub(r"\['([^']*)'\]", r".\1", keystr.removeprefix("[1]"))
+    return name.lstrip(".")
 
 
 def _fmt(entry) -> str:

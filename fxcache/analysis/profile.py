@@ -23,7 +23,6 @@ import torch
 from fxcache.analysis.calibrate import BASIC_METRICS, Calibration, Options, ProfileError
 from fxcache.analysis.points import GRANULARITIES, CachePoint, find_cache_points, find_signals, total_flops
 from fxcache.errors import InputError
-from fxcache.predictors import PREDICTORS
 from fxcache.trace import TracedDenoiser, trace_call
 
 log = logging.getLogger(__name__)
@@ -148,8 +147,8 @@ class Profile:
         """A readable summary: one row per cache point, means over steps and branches."""
         cfg = {"none": "no CFG", "separate": "CFG in two calls", "batched": "batched CFG"}[self.cfg]
         lines = [
-            f"fxcache profile of {self.model_name} (graph {self.fingerprint}): {self.num_prompts} prompt(s) x "
-            f"{self.num_steps} steps, {cfg} ({self.num_branches} branch{'es' if self.num_branches > 1 else ''})",
+            (f"fxcache profile of {self.model_name} (graph {self.fingerprint}): {self.num_prompts} prompt(s) x "
+             f"{self.num_steps} steps, {cfg} ({self.num_branches} branch{'es' if self.num_branches > 1 else ''})"),
             f"full call: {_flops(self.total_flops)}; feature history peak: {_bytes(self.peak_history_bytes)}",
         ]
         if self.measured:
