@@ -331,3 +331,17 @@ def test_nondeterministic_sampler_is_caught_by_sensitivity_reruns():
 
 def test_unconditional_label_constant():
     assert NULL_CLASS == dit().config.num_embeds_ada_norm  # DiT's null class is the last embedding row
+
+
+@pytest.mark.parametrize("name", ["flux", "wan", "pixart", "sd3"])
+def test_profile_other_zoo_models(name):
+    from fxcache.analysis import find_cache_points
+    from fxcache.testing.samplers import zoo_sampler
+
+    model, _ = __import__("fxcache.testing.zoo", fromlist=["build"]).build(name)
+    p = fxcache.profile(model, [0, 1], sampler=zoo_sampler(name, steps=5, cfg="separate"), sensitivity=2,
+                        progress=False)
+    assert p.points == [x.key for x in find_cache_points(p.traced.graph_module, p.traced.structure)]
+    assert {x.kind for x in p.cache_points} == {"stack", "block", "layer"}
+    assert np.isfinite(p.metrics[:, :, 1:, :]).all()  # every point, branch, metric after the first step
+    assert np.isfinite(p.sensitivity[:, 1:]).all() and len(p.measured) == 2

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["ddim_sampler", "flow_euler_sampler"]
+__all__ = ["ddim_sampler", "flow_euler_sampler", "zoo_sampler"]
 
 CallFn = Callable[[Callable, torch.Tensor, torch.Tensor, object, bool], torch.Tensor]
 
@@ -66,3 +66,51 @@ def ddim_sampler(call: CallFn, shape: tuple[int, ...], *, steps: int = 8, cfg: s
         return x
 
     return sampler
+
+
+def zoo_sampler(name: str, *, kind: str = "euler", steps: int = 8, cfg: str = "none", batch: int = 1,
+                guidance: float = 3.0):
+    """A sampler for a tiny zoo model (:mod:`fxcache.testing.zoo`): its example call is the template; the sample
+    and the step input are the loop's, float conditioning inputs are the template's plus prompt-seeded noise
+    (zeros for the unconditional branch), integer class labels are the prompt (the null class when unconditional).
+    Prompts are integers."""
+    from fxcache.testing import zoo
+
+    entry = zoo.ZOO[name]
+    _, template = entry.build(batch=batch)
+    step_key = entry.step_input
+    sample_key = "hidden_states" if "hidden_states" in template else "sample"
+    shape = tuple(template[sample_key].shape)
+    scale = 1.0 if float(template[step_key].max()) <= 1.0 else 1000.0
+
+    def call(denoiser, x, t, prompt, uncond):
+        reps = x.shape[0] // batch
+        kwargs = {}
+        for key, value in template.items():
+            if key == sample_key:
+                value = x
+            elif key == step_key:
+                value = t.to(value.dtype) if value.dtype.is_floating_point else t.round().to(value.dtype)
+            elif isinstance(value, torch.Tensor) and value.is_floating_point() and key not in ("img_ids", "txt_ids"):
+                gen = torch.Generator().manual_seed(int(prompt))
+                cond = value + 0.5 * torch.randn(value.shape, generator=gen)
+                value = _branches(cond, torch.zeros_like(cond), uncond, reps)
+            elif isinstance(value, torch.Tensor) and not value.is_floating_point() and key == "class_labels":
+                value = _branches(torch.full_like(value, int(prompt)), torch.full_like(value, 1000), uncond, reps)
+            kwargs[key] = value
+        out = denoiser(**kwargs)
+        out = out[0] if isinstance(out, tuple) else out.sample
+        return out[:, : x.shape[1]] if out.dim() == 4 else out
+
+    if kind == "euler":
+        return flow_euler_sampler(call, shape, steps=steps, cfg=cfg, guidance=guidance,
+                                  timestep_scale=scale)
+    if kind == "ddim":
+        return ddim_sampler(call, shape, steps=steps, cfg=cfg, guidance=guidance)
+    raise ValueError(f"kind must be 'euler' or 'ddim', got {kind!r}")
+
+
+def _branches(cond: torch.Tensor, uncond_value: torch.Tensor, uncond: bool | None, reps: int) -> torch.Tensor:
+    if uncond is None:  # batched CFG: conditional half first
+        return torch.cat([cond, uncond_value])
+    return uncond_value if uncond else cond
