@@ -1,10 +1,13 @@
 """fxcache: diffusion caching as graph transformation over torch.fx."""
 
-from fxcache import ir
+from fxcache import ir, methods
 from fxcache.analysis.points import CachePoint
 from fxcache.analysis.profile import Profile, ProfileError, profile
 from fxcache.analysis.structure import Block, Stack, Structure
 from fxcache.errors import FxCacheError, InputError, IRError, TraceError
+from fxcache.optimize import optimize
+from fxcache.plan import Plan, PlanError
+from fxcache.runtime import OptimizedDenoiser
 from fxcache.trace import TracedDenoiser, trace
 
 __version__ = "0.1.0"
@@ -15,6 +18,9 @@ __all__ = [
     "FxCacheError",
     "IRError",
     "InputError",
+    "OptimizedDenoiser",
+    "Plan",
+    "PlanError",
     "Profile",
     "ProfileError",
     "Stack",
@@ -23,6 +29,8 @@ __all__ = [
     "TracedDenoiser",
     "__version__",
     "ir",
+    "methods",
+    "optimize",
     "profile",
     "trace",
 ]

@@ -9,7 +9,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree  # private, but the only pytree API that export's in/out specs use
 
-__all__ = ["OP_TYPES", "copy_codegen", "draft_export", "keystr", "pytree", "tree_flatten_with_path", "unlift"]
+__all__ = ["OP_TYPES", "copy_codegen", "draft_export", "output_spec", "use_flat_codegen", "keystr", "pytree", "tree_flatten_with_path", "unlift"]
 
 keystr = pytree.keystr
 
@@ -41,3 +41,15 @@ def copy_codegen(src: torch.fx.Graph, dst: torch.fx.Graph) -> None:
     import copy
 
     dst._codegen = copy.copy(src._codegen)  # shallow: the pytree specs inside are immutable
+
+
+def output_spec(graph: torch.fx.Graph):
+    """The pytree spec export recorded for a graph's outputs (``None`` when the graph returns flat values)."""
+    info = getattr(graph._codegen, "pytree_info", None)
+    return info.out_spec if info is not None else None
+
+
+def use_flat_codegen(graph: torch.fx.Graph) -> None:
+    """Make ``graph`` take its placeholders positionally and return its output node's values as a flat tuple
+    (what exporters and compilers want), dropping export's pytree calling convention."""
+    graph._codegen = torch.fx.graph.CodeGen()

@@ -2,6 +2,11 @@
 
 from fxcache.passes.annotate_nodes import AnnotateNodes
 from fxcache.passes.base import FxPass, PassResult, run_passes
+from fxcache.passes.eliminate_dead_code import EliminateDeadCode
+from fxcache.passes.flatten_io import FlattenIO
 from fxcache.passes.insert_probes import InsertProbes
+from fxcache.passes.read_cache import ReadFromCache
+from fxcache.passes.write_cache import WriteToCache
 
-__all__ = ["AnnotateNodes", "FxPass", "InsertProbes", "PassResult", "run_passes"]
+__all__ = ["AnnotateNodes", "EliminateDeadCode", "FlattenIO", "FxPass", "InsertProbes", "PassResult", "ReadFromCache",
+           "WriteToCache", "run_passes"]

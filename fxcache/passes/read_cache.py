@@ -1,0 +1,77 @@
+"""read_cache: replace cache points by values from the cache — reused, or forecast in the graph.
+
+For each tensor ``i`` of a point read with forecast order ``m`` the graph gains inputs ``cache:<point>[i].d0`` ..
+``.d<m>`` (the stored value and its finite-difference factors, see :mod:`fxcache.predictors`) and, once per point,
+``coef:<point>.c1`` .. ``.c<m>`` (0-dim tensors). The point's value becomes ``d0 + c1·d1 + … + cm·dm`` — every
+predictor of the library is this form, with coefficients the runtime computes from the step distance — plus the
+stream input for a residual point. Everything that only fed the replaced tensors is left dead for
+:class:`~fxcache.passes.EliminateDeadCode`. Run after :class:`~fxcache.passes.WriteToCache`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.fx
+
+from fxcache.analysis.points import CachePoint
+from fxcache.ir.meta import NodeInfo, key_of, module_path_of, set_info
+from fxcache.passes.base import FxPass, PassResult
+
+__all__ = ["ReadFromCache"]
+
+_aten = torch.ops.aten
+
+
+class ReadFromCache(FxPass):
+    """Read each ``(point, order)`` of ``reads`` from cache inputs (order 0 = reuse the stored value)."""
+
+    name = "read_cache"
+
+    def __init__(self, reads: Sequence[tuple[CachePoint, int]]):
+        super().__init__()
+        self.reads = list(reads)
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        graph = graph_module.graph
+        io = graph_module.meta["fxcache_io"]
+        by_key = {key_of(n): n for n in graph.nodes}
+        last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
+
+        def new_input(key: str, val) -> torch.fx.Node:
+            nonlocal last_input
+            with graph.inserting_after(last_input):
+                node = graph.placeholder(key.replace(":", "_").replace(".", "_").replace("[", "_").replace("]", ""))
+            node.meta["val"] = val
+            set_info(node, NodeInfo(key=key, module_path="", role="cache"))
+            io["inputs"].append(key)
+            last_input = node
+            return node
+
+        for point, order in self.reads:
+            coefs = [new_input(f"coef:{point.key}.c{j}", torch.empty((), dtype=torch.float32))
+                     for j in range(1, order + 1)]
+            for i, (node_key, base_key) in enumerate(zip(point.nodes, point.bases)):
+                node = by_key[node_key]
+                val = node.meta.get("val")
+                factors = [new_input(f"cache:{point.key}[{i}].d{j}", val) for j in range(order + 1)]
+                made: list[torch.fx.Node] = []
+
+                def emit(op, args, name, node=node, made=made, val=val, i=i, point=point):
+                    with graph.inserting_before(node):
+                        n = graph.call_function(op, args)
+                    n.meta["val"] = val
+                    n.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+                    set_info(n, NodeInfo(key=f"read:{point.key}[{i}]/{name}", module_path=module_path_of(node)))
+                    made.append(n)
+                    return n
+
+                value = factors[0]
+                for j in range(1, order + 1):
+                    term = emit(_aten.mul.Tensor, (factors[j], coefs[j - 1]), f"term{j}")
+                    value = emit(_aten.add.Tensor, (value, term), f"sum{j}")
+                if base_key is not None:
+                    value = emit(_aten.add.Tensor, (by_key[base_key], value), "stream")
+                node.replace_all_uses_with(value)
+        return PassResult(graph_module, True)

@@ -1,0 +1,142 @@
+"""Cache plans: per step, what happens at each cache point — computed, reused, or forecast.
+
+A :class:`Plan` is data (JSON, versioned, keyed by the traced graph's fingerprint). Each step maps cache-point keys
+to an action; points not named are computed. Actions:
+
+* ``"compute"`` — run it (the runtime also stores it when a later step reads it);
+* ``"reuse"`` — take the stored value of the last step that computed it;
+* a predictor of :mod:`fxcache.predictors` — ``"taylor1"``, ``"taylor2"``, ``"ab2"``, ``"hermite"`` — forecast
+  it from the last computed values (needs 1 + order earlier computations of that point).
+
+The same schedule applies to every CFG branch; each branch keeps its own cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fxcache.analysis.points import CachePoint
+from fxcache.errors import InputError
+
+__all__ = ["ACTIONS", "ORDER", "Plan", "PlanError"]
+
+FORMAT_VERSION = 1
+#: forecast order of each action (0 = the stored value itself)
+ORDER = {"reuse": 0, "taylor1": 1, "ab2": 1, "taylor2": 2, "hermite": 2}
+ACTIONS = ("compute", *ORDER)
+
+
+class PlanError(InputError):
+    """A plan that cannot run on this model: named point, step and reason."""
+
+
+@dataclasses.dataclass
+class Plan:
+    """``steps[s]`` maps point keys to actions for step ``s`` (see the module docstring)."""
+
+    fingerprint: str
+    num_steps: int
+    steps: list[dict[str, str]]
+    method: str = "custom"
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    timesteps: list[float | None] = dataclasses.field(default_factory=list)
+
+    # -- queries ------------------------------------------------------------------------------------------------
+    def actions(self, step: int) -> dict[str, str]:
+        return {k: a for k, a in self.steps[step].items() if a != "compute"}
+
+    def read_points(self) -> set[str]:
+        return {k for s in range(self.num_steps) for k in self.actions(s)}
+
+    def max_order(self, key: str) -> int:
+        return max((ORDER[a] for s in self.steps for k, a in s.items() if k == key and a in ORDER), default=0)
+
+    def writes_at(self, step: int) -> list[str]:
+        """Points computed at ``step`` whose value a later step reads."""
+        later = {k for s in range(step + 1, self.num_steps) for k in self.actions(s)}
+        return sorted(k for k in later if k not in self.actions(step))
+
+    # -- validation ---------------------------------------------------------------------------------------------
+    def validate(self, points: Sequence[CachePoint]) -> None:
+        """Reject, before any step runs, plans this model cannot execute."""
+        by_key = {p.key: p for p in points}
+        if len(self.steps) != self.num_steps:
+            raise PlanError(f"plan lists {len(self.steps)} steps but num_steps is {self.num_steps}")
+        computed = {k: 0 for k in by_key}
+        for s, acts in enumerate(self.steps):
+            for key, action in acts.items():
+                if key not in by_key:
+                    near = ", ".join(sorted(by_key)[:8])
+                    raise PlanError(f"step {s}: unknown cache point {key!r}; this model's points include: {near} ...")
+                if action not in ACTIONS:
+                    raise PlanError(f"step {s}: unknown action {action!r} for {key!r}; actions are "
+                                    f"{', '.join(ACTIONS)}")
+                if action != "compute" and computed[key] < ORDER[action] + 1:
+                    raise PlanError(
+                        f"step {s}: {action!r} of {key!r} needs {ORDER[action] + 1} earlier computation(s) of that "
+                        f"point, the plan has {computed[key]} before step {s} (forecast order above the available "
+                        "history)")
+            self._check_overlap(s, acts, by_key)
+            for key in by_key:
+                if acts.get(key, "compute") == "compute" and not self._inside_read(key, acts, by_key):
+                    computed[key] += 1
+
+    @staticmethod
+    def _contains(outer: CachePoint, inner: CachePoint) -> bool:
+        if outer.key == inner.key:
+            return False
+        if outer.kind == "stack":
+            return inner.stack == outer.stack and inner.kind in ("block", "layer")
+        if outer.kind == "block":
+            return inner.kind == "layer" and inner.block == outer.block
+        return False
+
+    def _inside_read(self, key, acts, by_key) -> bool:
+        return any(a != "compute" and self._contains(by_key[k], by_key[key]) for k, a in acts.items())
+
+    def _check_overlap(self, step, acts, by_key) -> None:
+        for k, a in acts.items():
+            if a == "compute":
+                continue
+            for k2, a2 in acts.items():
+                if a2 != "compute" and self._contains(by_key[k], by_key[k2]):
+                    raise PlanError(f"step {step}: {k2!r} ({a2}) lies inside {k!r} ({a}), which is already read "
+                                    "from the cache; give only one of them")
+
+    # -- persistence -------------------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {"format": "fxcache.plan", "version": FORMAT_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Plan:
+        if data.get("format") != "fxcache.plan":
+            raise InputError("not an fxcache plan (missing format: fxcache.plan)")
+        if data.get("version") != FORMAT_VERSION:
+            raise InputError(f"plan format version {data.get('version')} is not supported (this fxcache reads "
+                             f"{FORMAT_VERSION})")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in fields})
+
+    def save(self, path: str | os.PathLike) -> str:
+        path = os.fspath(path)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_json(), f, indent=1)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Plan:
+        with open(os.fspath(path)) as f:
+            try:
+                return cls.from_json(json.load(f))
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path} is not a valid plan (bad JSON: {e})") from e
+
+    def summary(self) -> str:
+        full = sum(1 for s in range(self.num_steps) if not self.actions(s))
+        return f"{self.method} {self.params}: {self.num_steps} steps, {full} fully computed"

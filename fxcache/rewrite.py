@@ -1,0 +1,59 @@
+"""Specialise one graph per step variant: which cache points it writes and which it reads (and how).
+
+Stages, each a verified pass (:mod:`fxcache.passes`): copy the traced graph (parameters shared) → flatten its
+calling convention → expose written points as outputs → replace read points by cache inputs / in-graph forecasts →
+drop the dead computation. The result is a plain ``GraphModule`` whose cache enters and leaves as explicit inputs
+and outputs, ready for torch.compile or export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import torch.fx
+
+from fxcache.analysis.flops import node_flops
+from fxcache.analysis.points import CachePoint
+from fxcache.ir import copy_graph_module, info
+from fxcache.passes import EliminateDeadCode, FlattenIO, ReadFromCache, WriteToCache, run_passes
+
+__all__ = ["Variant", "block_flops", "specialize"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """What one step graph does differently from the full graph: ``writes`` (point keys whose values it outputs)
+    and ``reads`` (``(point key, forecast order)`` pairs it takes from cache inputs)."""
+
+    writes: tuple[str, ...] = ()
+    reads: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def name(self) -> str:
+        if not self.reads:
+            return "full" if not self.writes else f"full+write[{len(self.writes)}]"
+        orders = sorted({o for _, o in self.reads})
+        return f"cached[{len(self.reads)} pts, order {'/'.join(map(str, orders))}]" + (
+            f"+write[{len(self.writes)}]" if self.writes else "")
+
+
+def specialize(graph_module: torch.fx.GraphModule, points: Mapping[str, CachePoint],
+               variant: Variant) -> torch.fx.GraphModule:
+    """The step graph of ``variant`` built from the traced ``graph_module`` (which is left unchanged)."""
+    gm = copy_graph_module(graph_module)
+    passes = [FlattenIO(), WriteToCache([points[k] for k in variant.writes]),
+              ReadFromCache([(points[k], order) for k, order in variant.reads]), EliminateDeadCode()]
+    gm = run_passes(gm, passes)
+    gm.meta["fxcache_variant"] = variant
+    return gm
+
+
+def block_flops(gm: torch.fx.GraphModule) -> int:
+    """FLOPs of the ops inside discovered blocks (what caching saves; embedders and heads always run)."""
+    total = 0
+    for n in gm.graph.nodes:
+        meta = n.meta.get("fxcache")
+        if meta is not None and info(n).block is not None:
+            total += node_flops(n)
+    return total

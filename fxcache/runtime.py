@@ -1,0 +1,231 @@
+"""``OptimizedDenoiser``: run a cache plan across sampling loops with correct state.
+
+Drop-in for the denoiser (same call signature and outputs). Per call it works out the step and CFG branch, picks
+the step variant the plan gives that step, feeds it the cached values it reads (and the forecast coefficients for
+the distance to the last computation), and stores what it writes. State is per CFG branch; a new sampling run is
+detected when the step input restarts (or reverses direction), and ``reset()`` starts one explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+
+from fxcache import _compat
+from fxcache.analysis.points import CachePoint
+from fxcache.errors import InputError
+from fxcache.plan import ORDER, Plan, PlanError
+from fxcache.predictors import HERMITE_SIGMA, _hermite_scaled
+from fxcache.rewrite import Variant, block_flops, specialize
+from fxcache.trace import TracedDenoiser, _Signature
+
+log = logging.getLogger(__name__)
+
+__all__ = ["OptimizedDenoiser", "StepTracker", "forecast_coefficients"]
+
+
+def forecast_coefficients(action: str, k: float) -> list[float]:
+    """``[c1, .., cm]`` such that the forecast is ``D0 + c1·D1 + … + cm·Dm`` with TaylorSeer's factors (Dʲ divided
+    by the step distances between computations) for a target ``k`` steps after the last computation."""
+    if action == "reuse":
+        return []
+    if action in ("taylor1", "taylor2"):
+        return [k ** j / math.factorial(j) for j in range(1, ORDER[action] + 1)]
+    if action == "ab2":
+        return [k / 2.0]
+    if action == "hermite":
+        return [_hermite_scaled(1, k, HERMITE_SIGMA), _hermite_scaled(2, k, HERMITE_SIGMA) / 2.0]
+    raise PlanError(f"no forecast coefficients for action {action!r}")
+
+
+class StepTracker:
+    """Turns a stream of step-input values into (step, branch, new run)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.step, self.branch = -1, 0
+        self.first_t: float | None = None
+        self.last_t: float | None = None
+        self.direction = 0
+
+    def advance(self, t: float | None) -> tuple[int, int, bool]:
+        new_run = False
+        if t is not None and self.last_t is not None and t == self.last_t:
+            self.branch += 1
+            return self.step, self.branch, False
+        if t is not None and self.last_t is not None:
+            move = (t > self.last_t) - (t < self.last_t)
+            if t == self.first_t or (self.direction and move != self.direction):
+                new_run = True
+            elif not self.direction:
+                self.direction = move
+        if new_run:
+            self.reset()
+        if self.step < 0:
+            self.first_t = t
+        self.step += 1
+        self.branch = 0
+        self.last_t = t
+        return self.step, self.branch, new_run or self.step == 0
+
+
+@dataclasses.dataclass
+class _Entry:
+    """Cache of one point in one branch: per tensor the factors [D0, D1, ...]; the steps that computed it."""
+
+    factors: list[list[torch.Tensor]]
+    steps: list[int]
+
+
+class OptimizedDenoiser(torch.nn.Module):
+    """Runs ``plan`` on a traced denoiser (see the module docstring). ``.stats()`` describes the last run."""
+
+    def __init__(self, traced: TracedDenoiser, plan: Plan, points: Sequence[CachePoint]):
+        super().__init__()
+        if plan.fingerprint != traced.fingerprint:
+            raise PlanError(f"plan was made for graph {plan.fingerprint}, this model's graph is {traced.fingerprint}: "
+                            "the model, its configuration or the call shapes differ")
+        plan.validate(points)
+        self.traced = traced
+        self.plan = plan
+        self._points = {p.key: p for p in points}
+        self._variant_of_step: list[Variant] = []
+        graphs: dict[Variant, torch.fx.GraphModule] = {}
+        for s in range(plan.num_steps):
+            acts = plan.actions(s)
+            v = Variant(writes=tuple(plan.writes_at(s)), reads=tuple(sorted((k, ORDER[a]) for k, a in acts.items())))
+            if v not in graphs:
+                graphs[v] = specialize(traced.graph_module, self._points, v)
+            self._variant_of_step.append(v)
+        self._graphs = graphs
+        self.variants = torch.nn.ModuleDict({f"v{i}": g for i, g in enumerate(graphs.values())})
+        self._flops = {v: block_flops(g) for v, g in graphs.items()}
+        # the uncached baseline is the full graph after the same dead-code elimination the variants get
+        full = graphs.get(Variant()) or specialize(traced.graph_module, self._points, Variant())
+        self._full_flops = block_flops(full)
+        placeholders = [n for n in traced.graph_module.graph.nodes if n.op == "placeholder"]
+        input_names = [n.meta["fxcache"].key[len("input:"):] for n in placeholders]
+        self._step_index = input_names.index(traced.step_input) if traced.step_input in input_names else None
+        self._max_order = {k: plan.max_order(k) for k in plan.read_points()}
+        self._tracker = StepTracker()
+        self._cache: dict[int, dict[str, _Entry]] = {}
+        self._stats = self._new_stats()
+
+    # -- state --------------------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every cached value: the next call starts a new sampling run."""
+        self._tracker.reset()
+        self._cache = {}
+        self._stats = self._new_stats()
+
+    @staticmethod
+    def _new_stats() -> dict:
+        return {"steps": 0, "full_steps": 0, "calls": 0, "flops": 0, "full_flops": 0, "variants": {}}
+
+    def stats(self) -> dict:
+        """Of the current (or last) run: ``steps``, ``full_steps`` (steps run without any cache read), ``calls``,
+        ``computed_fraction`` (executed block FLOPs / uncached block FLOPs) and calls per variant."""
+        s = dict(self._stats)
+        s["computed_fraction"] = s["flops"] / s["full_flops"] if s["full_flops"] else 1.0
+        s["variants"] = dict(s["variants"])
+        return s
+
+    # -- calling ----------------------------------------------------------------------------------------------
+    def forward(self, *user_args, **user_kwargs):
+        traced = self.traced
+        args, kwargs, want_dict = traced._signature.bind(user_args, user_kwargs, "call arguments")
+        key = _Signature.key(args, kwargs)
+        if key != traced._key:
+            if not self.plan.read_points():  # a plan without cache reads is the traced model itself
+                return traced(*user_args, **user_kwargs)
+            raise InputError(
+                "this call's input shapes or constant arguments differ from the calibration calls the plan was "
+                "built for (resolution, batch size, ...): re-optimize for this configuration")
+        leaves = _compat.pytree.tree_leaves((args, kwargs))
+        t = None
+        if self._step_index is not None:
+            v = leaves[self._step_index]
+            t = float(v.reshape(-1)[0]) if isinstance(v, torch.Tensor) else float(v)
+        step, branch, new_run = self._tracker.advance(t)
+        if new_run:
+            self._cache = {}
+            self._stats = self._new_stats()
+        if step >= self.plan.num_steps:
+            raise InputError(f"this sampling run has more steps than the plan ({self.plan.num_steps}); "
+                             "re-optimize for this number of steps, or call .reset() between runs")
+        variant = self._variant_of_step[step]
+        gm = self._graphs[variant]
+        cache = self._cache.setdefault(branch, {})
+        inputs = list(leaves)
+        acts = self.plan.actions(step)
+        device = next((x.device for x in leaves if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        for point_key, order in variant.reads:
+            entry = cache.get(point_key)
+            if entry is None or len(entry.steps) < order + 1:
+                raise PlanError(f"step {step} (branch {branch}) reads {point_key!r} but this run has not computed it "
+                                f"{order + 1} time(s) yet — was the run started mid-way? call .reset()")
+            coefs = forecast_coefficients(acts[point_key], step - entry.steps[-1])
+            inputs += [torch.tensor(c, dtype=torch.float32, device=device) for c in coefs]
+            for factors in entry.factors:
+                inputs += factors[: order + 1]
+        with torch.no_grad():
+            flat = gm(*inputs)
+        io = gm.meta["fxcache_io"]
+        n_out = io["num_model_outputs"]
+        pos = n_out
+        for point_key in variant.writes:
+            p = self._points[point_key]
+            values = list(flat[pos: pos + len(p.nodes)])
+            pos += len(p.nodes)
+            self._store(cache, point_key, values, step)
+        self._count(step, branch, variant)
+        out = _compat.pytree.tree_unflatten(list(flat[:n_out]), io["out_spec"]) if io["out_spec"] is not None \
+            else flat[0]
+        if not want_dict and hasattr(out, "to_tuple"):
+            return out.to_tuple()
+        return out
+
+    def _store(self, cache: dict[str, _Entry], key: str, values: list[torch.Tensor], step: int) -> None:
+        max_order = self._max_order.get(key, 0)
+        entry = cache.get(key)
+        if entry is None:
+            cache[key] = _Entry([[v] for v in values], [step])
+            return
+        d = float(step - entry.steps[-1])
+        new = []
+        for v, old in zip(values, entry.factors):
+            factors = [v]
+            for j in range(1, max_order + 1):
+                if len(old) < j:
+                    break
+                factors.append((factors[j - 1] - old[j - 1]) / d)
+            new.append(factors)
+        entry.factors = new
+        entry.steps = (entry.steps + [step])[-(max_order + 2):]
+
+    def _count(self, step: int, branch: int, variant: Variant) -> None:
+        s = self._stats
+        s["calls"] += 1
+        if branch == 0:
+            s["steps"] += 1
+            s["full_steps"] += not variant.reads
+        s["flops"] += self._flops[variant]
+        s["full_flops"] += self._full_flops
+        s["variants"][variant.name] = s["variants"].get(variant.name, 0) + 1
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or "traced" not in self.__dict__.get("_modules", {}):
+                raise
+            return getattr(self.traced.model, name)  # config, dtype, device, ... as pipelines expect
+
+    def extra_repr(self) -> str:
+        return f"plan={self.plan.summary()}, variants={len(self._graphs)}"

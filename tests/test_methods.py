@@ -1,0 +1,337 @@
+"""Rewrite + runtime + methods: Full is exact, each method equals an independent eager reference of its formula,
+computed_fraction follows the schedule, state is per run / branch / sample, golden step variants, bad plans."""
+
+import math
+
+import pytest
+import torch
+
+import fxcache
+from conftest import check_golden
+from fxcache.ir import dump
+from fxcache.methods import FORA, DeltaDiT, Full, PlanContext, TaylorSeer
+from fxcache.plan import Plan, PlanError
+from fxcache.rewrite import Variant, specialize
+from fxcache.testing import zoo
+from fxcache.testing.samplers import zoo_sampler
+from profiling import dit, sampler
+
+pytest.importorskip("diffusers")
+
+STEPS = 10
+
+
+def _run(denoiser, smp, prompt, seed=0):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return smp(denoiser, prompt)
+
+
+@pytest.mark.parametrize("name", zoo.names())
+def test_full_plan_reproduces_eager_exactly(name):
+    model, _ = zoo.build(name)
+    smp = zoo_sampler(name, steps=4, cfg="separate", kind="ddim" if "unet" in name else "euler")
+    opt = fxcache.optimize(model, [1], sampler=smp, method=Full(), progress=False)
+    assert isinstance(opt, fxcache.OptimizedDenoiser)
+    assert torch.equal(_run(opt, smp, 1), _run(model, smp, 1))
+    assert opt.stats()["computed_fraction"] == 1.0 and opt.stats()["full_steps"] == 4
+
+
+# -- independent eager references (forward hooks on the diffusers DiT) ------------------------------------------
+
+
+# the schedules, written out: FORA N=3 computes at s mod 3 = 0; TaylorSeer N=4 with 3 warm-up steps computes
+# 0, 1, 2, then every 4th step (6, 10, ...); N=3 with 2 warm-up steps: 0, 1, then 4, 7 (the last warm-up step
+# opens the first cycle, as in TaylorSeer's code)
+SCHEDULES = {
+    ("FORA", 3, 1): [0, 3, 6, 9],
+    ("TaylorSeer", 4, 3): [0, 1, 2, 6],
+    ("TaylorSeer", 3, 2): [0, 1, 4, 7],
+}
+
+
+def _full_steps(interval, warmup, method="TaylorSeer"):
+    full = SCHEDULES[(method, interval, warmup)]
+    return [s in full for s in range(STEPS)]
+
+
+def _coef(action, k):
+    if action == "taylor1":
+        return [k]
+    if action == "taylor2":
+        return [k, k * k / 2]
+    return []
+
+
+class SublayerReference:
+    """FORA / TaylorSeer written directly: hooks on every block's attn1 and ff replace their outputs at cached
+    steps by the reused / Taylor-forecast value, per CFG branch (calls alternate cond, uncond)."""
+
+    def __init__(self, model, interval, order, warmup, method="TaylorSeer"):
+        self.full = _full_steps(interval, warmup, method)
+        self.order = order
+        self.call = -1
+        self.state = {}
+        self.handles = []
+        for i, block in enumerate(model.transformer_blocks):
+            for name in ("attn1", "ff"):
+                self.handles.append(getattr(block, name).register_forward_hook(self._hook(f"{i}.{name}")))
+        self.handles.append(model.register_forward_pre_hook(self._count))
+
+    def _count(self, mod, args):
+        self.call += 1
+
+    def _hook(self, key):
+        def hook(mod, args, out):
+            s, b = self.call // 2, self.call % 2
+            st = self.state.setdefault((key, b), {"factors": None, "steps": []})
+            if self.full[s]:
+                if st["factors"] is None:
+                    st["factors"] = [out]
+                else:
+                    d = s - st["steps"][-1]
+                    new = [out]
+                    for j in range(1, self.order + 1):
+                        if len(st["factors"]) >= j:
+                            new.append((new[j - 1] - st["factors"][j - 1]) / d)
+                    st["factors"] = new
+                st["steps"].append(s)
+                return out
+            computed = len(st["steps"])
+            order = min(self.order, computed - 1)
+            action = "reuse" if order == 0 else f"taylor{order}"
+            k = s - st["steps"][-1]
+            value = st["factors"][0]
+            for j, c in enumerate(_coef(action, k), start=1):
+                value = value + st["factors"][j] * torch.tensor(c, dtype=torch.float32)
+            return value
+
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("method,interval,order,warmup", [
+    (FORA(interval=3), 3, 0, 1),
+    (TaylorSeer(interval=4, order=2), 4, 2, 3),
+    (TaylorSeer(interval=3, order=1, warmup=2), 3, 1, 2),
+])
+def test_sublayer_methods_match_their_eager_formula(method, interval, order, warmup):
+    model = dit()
+    smp = sampler("euler", steps=STEPS, cfg="separate")
+    opt = fxcache.optimize(model, [3], sampler=smp, method=method, progress=False)
+    got = _run(opt, smp, 3)
+    ref_hooks = SublayerReference(model, interval, order, warmup, type(method).__name__)
+    try:
+        want = _run(model, smp, 3)
+    finally:
+        ref_hooks.remove()
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+    assert not torch.allclose(got, _run(model, smp, 3), atol=1e-4)  # caching changed something
+    # computed_fraction follows the schedule: each cached step saves exactly the layers' FLOPs inside blocks
+    stats = opt.stats()
+    full = _full_steps(interval, warmup, type(method).__name__)
+    assert stats["steps"] == STEPS and stats["full_steps"] == sum(full) and stats["calls"] == 2 * STEPS
+    layers = [p for p in opt.profile.cache_points if p.kind == "layer"]
+    block_total = opt._full_flops
+    want_fraction = 1 - (STEPS - sum(full)) * sum(p.flops for p in layers) / (STEPS * block_total)
+    assert stats["computed_fraction"] == pytest.approx(want_fraction, rel=1e-9)
+
+
+def test_delta_dit_matches_its_eager_formula():
+    model = dit()
+    smp = sampler("euler", steps=STEPS, cfg="none")
+    method = DeltaDiT(interval=2, boundary=0.5, blocks=1)
+    opt = fxcache.optimize(model, [3], sampler=smp, method=method, progress=False)
+    got = _run(opt, smp, 3)
+    state = {"call": -1, "res": {}}
+    n = len(model.transformer_blocks)
+
+    def pre(mod, args):
+        state["call"] += 1
+
+    def block_hook(i):
+        def hook(mod, args, kwargs, out):
+            s = state["call"]
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            chosen = n - 1 if s < STEPS // 2 else 0  # rear block early, front block late
+            if s % 2 == 1 and i == chosen:  # interval 2: computed at even steps
+                return x + state["res"][i]
+            state["res"][i] = out - x
+            return out
+        return hook
+
+    handles = [model.register_forward_pre_hook(pre)] + [
+        b.register_forward_hook(block_hook(i), with_kwargs=True) for i, b in enumerate(model.transformer_blocks)]
+    try:
+        want = _run(model, smp, 3)
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    block = next(p for p in opt.profile.cache_points if p.key == f"block:transformer_blocks.{n - 1}")
+    want_fraction = 1 - (STEPS // 2) * block.flops / (STEPS * opt._full_flops)
+    assert opt.stats()["computed_fraction"] == pytest.approx(want_fraction, rel=1e-9)
+
+
+# -- state -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def taylor_dit():
+    model = dit()
+    smp = sampler("euler", steps=STEPS, cfg="separate")
+    return model, smp, fxcache.optimize(model, [3], sampler=smp, method=TaylorSeer(interval=3, order=2, warmup=2),
+                                        progress=False)
+
+
+def test_same_prompt_twice_is_identical_and_runs_do_not_leak(taylor_dit):
+    model, smp, opt = taylor_dit
+    a1 = _run(opt, smp, 3)
+    a2 = _run(opt, smp, 3)  # new run detected from the restarting timestep; no reset() needed
+    b = _run(opt, smp, 7)
+    a3 = _run(opt, smp, 3)
+    assert torch.equal(a1, a2) and torch.equal(a1, a3)
+    opt.reset()
+    assert torch.equal(_run(opt, smp, 7), b)
+    assert opt.stats()["steps"] == STEPS  # stats are of the last run only
+
+
+def test_interleaved_runs_keep_separate_state(taylor_dit):
+    model, _, opt = taylor_dit
+    # two loops advanced call by call (A's step, B's step, ...), each without CFG: at the same timestep the second
+    # call is another branch, so the two runs keep separate caches and each equals its own solo run
+    solo = sampler("euler", steps=STEPS, cfg="none")
+    from profiling import dit_call
+
+    def both(den):
+        torch.manual_seed(0)
+        xa, xb = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+        sig = torch.linspace(1, 0, STEPS + 1)
+        for i in range(STEPS):
+            t = (sig[i] * 1000).expand(1).clone()
+            va = dit_call(den, xa, t, 3, False)
+            vb = dit_call(den, xb, t, 7, False)
+            xa, xb = xa + (sig[i + 1] - sig[i]) * va, xb + (sig[i + 1] - sig[i]) * vb
+        return xa, xb
+
+    xa, xb = both(opt)
+    # reference: the same two loops with the eager model and per-branch TaylorSeer hooks
+    hooks = SublayerReference(model, 3, 2, 2)
+    try:
+        with torch.no_grad():
+            ra, rb = both(model)
+    finally:
+        hooks.remove()
+    assert torch.allclose(xa, ra, atol=1e-5) and torch.allclose(xb, rb, atol=1e-5)
+    assert solo is not None
+
+
+def test_batch_of_two_equals_two_runs_of_one():
+    model = dit()
+    from profiling import dit_call
+    from fxcache.testing.samplers import flow_euler_sampler
+
+    def loop(den, x0):
+        x, sig = x0, torch.linspace(1, 0, STEPS + 1)
+        for i in range(STEPS):
+            t = (sig[i] * 1000).expand(x.shape[0]).clone()
+            x = x + (sig[i + 1] - sig[i]) * dit_call(den, x, t, 3, False)
+        return x
+
+    method = TaylorSeer(interval=3, order=2, warmup=2)
+    one = fxcache.optimize(model, [3], sampler=flow_euler_sampler(dit_call, (1, 4, 8, 8), steps=STEPS),
+                           method=method, progress=False)
+    two = fxcache.optimize(model, [3], sampler=flow_euler_sampler(dit_call, (2, 4, 8, 8), steps=STEPS),
+                           method=method, progress=False)
+    torch.manual_seed(0)
+    x0 = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        batched = loop(two, x0)
+        singles = torch.cat([loop(one, x0[:1]), loop(one, x0[1:])])
+    assert torch.allclose(batched, singles, atol=1e-5)
+
+
+# -- golden step variants ----------------------------------------------------------------------------------------
+
+
+def _points(name):
+    model, inputs = zoo.build(name)
+    traced = fxcache.trace(model, inputs)
+    pts = fxcache.analysis.find_cache_points(traced.graph_module, traced.structure)
+    return traced, {p.key: p for p in pts}
+
+
+def test_golden_dit_variants():
+    traced, pts = _points("dit")
+    layers = tuple(k for k in pts if k.startswith("layer:"))
+    full = specialize(traced.graph_module, pts, Variant(writes=layers))
+    cached = specialize(traced.graph_module, pts, Variant(reads=tuple((k, 2) for k in layers)))
+    check_golden("dit.variant_full_write.graph.txt", dump(full))
+    check_golden("dit.variant_taylor2.graph.txt", dump(cached))
+    # the cached variant runs no attention and no MLP matmuls of the blocks
+    ops = [str(n.target) for n in cached.graph.nodes]
+    assert "aten.scaled_dot_product_attention.default" not in ops
+
+
+def test_golden_unet_variant():
+    traced, pts = _points("unet2d_condition")
+    deep = specialize(traced.graph_module, pts, Variant(reads=(("block:up_blocks.0", 0),)))
+    check_golden("unet2d_condition.variant_reuse_deep.graph.txt", dump(deep))
+    # reading the deep up block's output leaves only the shallow path: down_blocks.0, up_blocks.1
+    blocks = {n.meta["fxcache"].block for n in deep.graph.nodes if n.meta["fxcache"].block}
+    assert blocks == {"down_blocks.0", "up_blocks.1"}
+
+
+# -- bad plans ---------------------------------------------------------------------------------------------------
+
+
+def _ctx(opt):
+    p = opt.profile
+    return PlanContext(p.fingerprint, p.num_steps, p.cache_points, p.timesteps)
+
+
+def test_bad_plans_are_rejected_before_any_step(taylor_dit):
+    _, _, opt = taylor_dit
+    traced, points = opt.traced, opt.profile.cache_points
+    fp = traced.fingerprint
+
+    def plan(steps):
+        return Plan(fingerprint=fp, num_steps=len(steps), steps=steps)
+
+    with pytest.raises(PlanError, match="unknown cache point 'layer:nope'"):
+        fxcache.OptimizedDenoiser(traced, plan([{}, {"layer:nope": "reuse"}]), points)
+    with pytest.raises(PlanError, match="needs 3 earlier computation.*forecast order above the available history"):
+        fxcache.OptimizedDenoiser(traced, plan([{}, {}, {"layer:transformer_blocks.0.ff": "taylor2"}]), points)
+    with pytest.raises(PlanError, match="step 0: 'reuse' of .* needs 1 earlier"):
+        fxcache.OptimizedDenoiser(traced, plan([{"block:transformer_blocks.0": "reuse"}]), points)
+    with pytest.raises(PlanError, match="unknown action 'cubic'"):
+        fxcache.OptimizedDenoiser(traced, plan([{}, {"block:transformer_blocks.0": "cubic"}]), points)
+    with pytest.raises(PlanError, match="lies inside"):
+        fxcache.OptimizedDenoiser(traced, plan([{}, {"block:transformer_blocks.0": "reuse",
+                                                     "layer:transformer_blocks.0.ff": "reuse"}]), points)
+    with pytest.raises(PlanError, match="made for graph 0000"):
+        fxcache.OptimizedDenoiser(traced, Plan(fingerprint="0000", num_steps=1, steps=[{}]), points)
+
+
+def test_runs_unlike_the_plan_are_refused(taylor_dit):
+    model, _, opt = taylor_dit
+    with pytest.raises(fxcache.InputError, match="input shapes .* differ"):
+        _run(opt, zoo_sampler("dit", steps=STEPS, batch=2), 3)
+    opt.reset()
+    with pytest.raises(fxcache.InputError, match="more steps than the plan"):
+        _run(opt, sampler("euler", steps=STEPS + 4, cfg="separate"), 3)
+    opt.reset()
+    # fewer steps than planned: a prefix of the plan, still correct (caches only from this run)
+    short = sampler("euler", steps=STEPS - 3, cfg="separate")
+    assert torch.isfinite(_run(opt, short, 3)).all()
+
+
+def test_plan_json_roundtrip(taylor_dit, tmp_path):
+    _, _, opt = taylor_dit
+    opt.plan.save(tmp_path / "plan.json")
+    again = Plan.load(tmp_path / "plan.json")
+    assert again == opt.plan and again.method == "TaylorSeer"
+    assert math.isfinite(opt.stats()["computed_fraction"])
