@@ -9,7 +9,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree  # private, but the only pytree API that export's in/out specs use
 
-__all__ = ["OP_TYPES", "copy_codegen", "draft_export", "output_spec", "use_flat_codegen", "keystr", "pytree", "tree_flatten_with_path", "unlift"]
+__all__ = ["OP_TYPES", "copy_codegen", "draft_export", "keystr", "output_spec", "pytree", "tree_flatten_with_path", "unlift", "use_flat_codegen"]
 
 keystr = pytree.keystr
 

@@ -5,16 +5,16 @@ import math
 
 import pytest
 import torch
+from conftest import check_golden
+from profiling import dit, sampler
 
 import fxcache
-from conftest import check_golden
 from fxcache.ir import dump
 from fxcache.methods import FORA, DeltaDiT, Full, PlanContext, TaylorSeer
 from fxcache.plan import Plan, PlanError
 from fxcache.rewrite import Variant, specialize
 from fxcache.testing import zoo
 from fxcache.testing.samplers import zoo_sampler
-from profiling import dit, sampler
 
 pytest.importorskip("diffusers")
 
@@ -232,6 +232,7 @@ def test_interleaved_runs_keep_separate_state(taylor_dit):
 def test_batch_of_two_equals_two_runs_of_one():
     model = dit()
     from profiling import dit_call
+
     from fxcache.testing.samplers import flow_euler_sampler
 
     def loop(den, x0):
@@ -335,3 +336,169 @@ def test_plan_json_roundtrip(taylor_dit, tmp_path):
     again = Plan.load(tmp_path / "plan.json")
     assert again == opt.plan and again.method == "TaylorSeer"
     assert math.isfinite(opt.stats()["computed_fraction"])
+
+
+# -- more methods against eager references -----------------------------------------------------------------------
+
+
+def _hermite(k, sigma=0.5):
+    h1 = sigma * (2 * sigma * k)
+    h2 = sigma ** 2 * (4 * (sigma * k) ** 2 - 2)
+    return [h1, h2 / 2]
+
+
+class ModuleReference:
+    """Generic eager reference: hooks replace the outputs of ``modules`` (name -> module) at cached steps by
+    ``F0 + Σ c_j D_j`` (coefficients from ``coefs(step, computed_count, k)``; None = compute), per CFG branch.
+    ``residual`` maps a name to a module whose *input* the value is a residual over (stack/block caches)."""
+
+    def __init__(self, model, modules, coefs, order, calls_per_step=1, residual=None):
+        self.coefs, self.order, self.cps = coefs, order, calls_per_step
+        self.call, self.state, self.inputs = -1, {}, {}
+        self.handles = [model.register_forward_pre_hook(self._count)]
+        residual = residual or {}
+        for name, mod in modules.items():
+            if name in residual:
+                self.handles.append(residual[name].register_forward_pre_hook(self._keep_input(name), with_kwargs=True))
+            self.handles.append(mod.register_forward_hook(self._hook(name, name in residual)))
+
+    def _count(self, mod, args):
+        self.call += 1
+
+    def _keep_input(self, name):
+        def pre(mod, args, kwargs):
+            self.inputs[name] = kwargs.get("hidden_states", args[0] if args else None)
+        return pre
+
+    def _hook(self, name, residual):
+        def hook(mod, args, out):
+            tensor = out[0] if isinstance(out, tuple) else out
+            s, b = self.call // self.cps, self.call % self.cps
+            base = self.inputs[name] if residual else 0
+            st = self.state.setdefault((name, b), {"f": None, "steps": []})
+            cs = self.coefs(s, len(st["steps"]), s - st["steps"][-1] if st["steps"] else None)
+            if cs is None:
+                value = tensor - base
+                if st["f"] is None:
+                    st["f"] = [value]
+                else:
+                    d = s - st["steps"][-1]
+                    new = [value]
+                    for j in range(1, self.order + 1):
+                        if len(st["f"]) >= j:
+                            new.append((new[j - 1] - st["f"][j - 1]) / d)
+                    st["f"] = new
+                st["steps"].append(s)
+                return out
+            value = st["f"][0]
+            for j, c in enumerate(cs, start=1):
+                value = value + st["f"][j] * torch.tensor(c, dtype=torch.float32)
+            value = base + value
+            return (value, *out[1:]) if isinstance(out, tuple) else value
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _compare(opt, model, smp, reference, prompt=3):
+    got = _run(opt, smp, prompt)
+    try:
+        want = _run(model, smp, prompt)
+    finally:
+        reference.remove()
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+    assert not torch.allclose(got, _run(model, smp, prompt), atol=1e-4)
+
+
+def test_hicache_matches_its_eager_formula():
+    from fxcache.methods import HiCache
+
+    model, smp = dit(), sampler("euler", steps=STEPS, cfg="separate")
+    opt = fxcache.optimize(model, [3], sampler=smp, method=HiCache(interval=4), progress=False)
+    full = {0, 1, 2, 6}  # warm-up 3, then every 4th step
+
+    def coefs(s, computed, k):
+        return None if s in full else _hermite(k)
+
+    mods = {f"{i}.{n}": getattr(b, n) for i, b in enumerate(model.transformer_blocks) for n in ("attn1", "ff")}
+    _compare(opt, model, smp, ModuleReference(model, mods, coefs, order=2, calls_per_step=2))
+
+
+def test_ab_cache_matches_its_eager_formula():
+    from fxcache.methods import ABCache
+
+    model, smp = dit(), sampler("euler", steps=STEPS, cfg="none")
+    opt = fxcache.optimize(model, [3], sampler=smp, method=ABCache(interval=3, warmup=2), progress=False)
+    full = {0, 1, 4, 7}  # warm-up 2 (the second opens the first cycle), then every 3rd step
+
+    def coefs(s, computed, k):
+        return None if s in full else [k / 2]  # F0 + k/(2d) (F0 - F1) = F0 + (k/2) D1
+
+    blocks = model.transformer_blocks
+    ref = ModuleReference(model, {"stack": blocks[-1]}, coefs, order=1, residual={"stack": blocks[0]})
+    _compare(opt, model, smp, ref)
+
+
+def test_deepcache_matches_its_eager_formula():
+    from fxcache.methods import DeepCache
+
+    model = zoo.build("unet2d_condition")[0]
+    smp = zoo_sampler("unet2d_condition", kind="ddim", steps=STEPS, cfg="separate")
+    opt = fxcache.optimize(model, [1], sampler=smp, method=DeepCache(interval=3, branch=0), progress=False)
+    assert opt.plan.read_points() == {"block:up_blocks.0"}  # the deep decoder block under the shallowest branch
+
+    def coefs(s, computed, k):
+        return None if s % 3 == 0 else []
+
+    ref = ModuleReference(model, {"deep": model.up_blocks[0]}, coefs, order=0, calls_per_step=2)
+    _compare(opt, model, smp, ref, prompt=1)
+    # only down_blocks.0 and up_blocks.1 run at cached steps
+    cached = next(g for v, g in opt._graphs.items() if v.reads)
+    assert {n.meta["fxcache"].block for n in cached.graph.nodes if n.meta["fxcache"].block} == {
+        "down_blocks.0", "up_blocks.1"}
+
+
+def test_pab_broadcasts_self_attention_inside_its_window():
+    from fxcache.methods import PAB
+
+    model, smp = dit(), sampler("euler", steps=STEPS, cfg="separate")
+    opt = fxcache.optimize(model, [3], sampler=smp, method=PAB(self_range=2, window=(250, 950)), progress=False)
+    ts = [1000 * (1 - s / STEPS) for s in range(STEPS)]
+    cached = {s for s in range(STEPS) if 250 < ts[s] < 950 and s % 2 != 0}
+    assert {s for s in range(STEPS) if opt.plan.actions(s)} == cached
+    assert opt.plan.read_points() == {f"layer:transformer_blocks.{i}.attn1" for i in range(3)}  # not the MLPs
+
+    def coefs(s, computed, k):
+        return [] if s in cached else None
+
+    mods = {f"{i}": b.attn1 for i, b in enumerate(model.transformer_blocks)}
+    _compare(opt, model, smp, ModuleReference(model, mods, coefs, order=0, calls_per_step=2))
+
+
+def test_magcache_applies_its_rule_to_the_profiled_ratio_curve():
+    import numpy as np
+
+    from fxcache.methods import MagCache
+
+    model, smp = dit(), sampler("euler", steps=STEPS, cfg="none")
+    method = MagCache(threshold=0.5, max_skips=2, retention=0.2)
+    opt = fxcache.optimize(model, [3], sampler=smp, method=method, progress=False)
+    gamma = opt.profile.metric("mag_ratio", "stack:transformer_blocks")
+    skipped, ratio, err, skips = set(), 1.0, 0.0, 0
+    for s in range(2, STEPS):  # retention 0.2 of 10 steps
+        ratio, err, skips = ratio * gamma[s], err + abs(1 - ratio * gamma[s]), skips + 1
+        if err <= 0.5 and skips <= 2:
+            skipped.add(s)
+        else:
+            ratio, err, skips = 1.0, 0.0, 0
+    assert {s for s in range(STEPS) if opt.plan.actions(s)} == skipped and skipped
+    assert np.isfinite(gamma[1:]).all()
+
+    def coefs(s, computed, k):
+        return [] if s in skipped else None
+
+    blocks = model.transformer_blocks
+    _compare(opt, model, smp, ModuleReference(model, {"stack": blocks[-1]}, coefs, order=0,
+                                              residual={"stack": blocks[0]}))

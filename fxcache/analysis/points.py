@@ -36,7 +36,8 @@ from fxcache.ir.meta import info, key_of, module_paths_of, op_name
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GRANULARITIES", "CachePoint", "find_cache_points", "find_signals", "saved_flops", "total_flops"]
+__all__ = ["GRANULARITIES", "CachePoint", "attention_kind", "find_cache_points", "find_signals", "saved_flops",
+           "total_flops"]
 
 GRANULARITIES = ("stack", "block", "layer")
 
@@ -361,3 +362,25 @@ def find_cache_points(gm: torch.fx.GraphModule, structure: Structure,
 def find_signals(gm: torch.fx.GraphModule, structure: Structure) -> list[CachePoint]:
     """Tensors a dynamic gate reads: ``signal:sample``, ``signal:output``, ``signal:<block>.modulated_input``."""
     return _Finder(gm, structure).signals()
+
+
+def attention_kind(gm: torch.fx.GraphModule, point: CachePoint) -> str | None:
+    """``"self"`` when the layer point's attention reads keys computed from the sample, ``"cross"`` when its keys
+    come only from conditioning (text, class), ``None`` when the layer has no attention. Read from data flow."""
+    if point.kind != "layer":
+        return None
+    prefix = point.key[len("layer:"):]
+    nodes = list(gm.graph.nodes)
+    sample = [n for n in nodes if n.op == "placeholder" and info(n).role == "sample"]
+    from_sample: set[torch.fx.Node] = set(sample)
+    for n in nodes:
+        if any(a in from_sample for a in n.all_input_nodes):
+            from_sample.add(n)
+    kinds = set()
+    for n in nodes:
+        path = info(n).module_path
+        if "scaled_dot_product" in op_name(n) and (path == prefix or path.startswith(prefix + ".")):
+            kinds.add("self" if n.args[1] in from_sample else "cross")
+    if not kinds:
+        return None
+    return "self" if "self" in kinds else "cross"

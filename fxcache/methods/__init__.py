@@ -15,7 +15,8 @@ from fxcache.analysis.points import CachePoint
 from fxcache.errors import InputError
 from fxcache.plan import Plan
 
-__all__ = ["FORA", "DeltaDiT", "Full", "Method", "PlanContext", "TaylorSeer"]
+__all__ = ["FORA", "PAB", "ABCache", "DeepCache", "DeltaDiT", "Full", "HiCache", "MagCache", "Method", "PlanContext",
+           "TaylorSeer"]
 
 
 @dataclasses.dataclass
@@ -148,4 +149,155 @@ class DeltaDiT(Method):
         for s, full in enumerate(_full_steps(ctx.num_steps, self.interval, 1)):
             chosen = rear if s < b else front
             out.append({} if full else {p.key: "reuse" for p in chosen})
+        return out
+
+
+@dataclasses.dataclass(repr=False)
+class HiCache(TaylorSeer):
+    """HiCache (arXiv 2508.16984): TaylorSeer's schedule and finite differences with the scaled Hermite basis in
+    place of monomials (order 2, σ = 0.5 — see :mod:`fxcache.predictors`). Cached steps before three computations
+    exist reuse (with the default ``warmup=3`` there are none)."""
+
+    interval: int = 5
+    order: int = 2
+    warmup: int = 3
+
+    def schedule(self, ctx):
+        _check_interval(self.interval)
+        layers = _layers(ctx, "HiCache")
+        steps, computed = [], 0
+        for full in _full_steps(ctx.num_steps, self.interval, self.warmup):
+            if full:
+                steps.append({})
+                computed += 1
+            else:
+                steps.append({p.key: "hermite" if computed >= 3 else "reuse" for p in layers})
+        return steps
+
+
+@dataclasses.dataclass(repr=False)
+class ABCache(Method):
+    """AB-Cache (arXiv 2504.10540): Adams–Bashforth-2 extrapolation (weights 3/2, −1/2 at the computation
+    spacing) of the whole transformer's residual — the output-level quantity minus the always-run embedder and head —
+    computed every ``interval`` steps after ``warmup`` full ones (two computations are needed)."""
+
+    interval: int = 3
+    warmup: int = 2
+
+    def schedule(self, ctx):
+        _check_interval(self.interval)
+        stacks = ctx.of_kind("stack") or [p for p in ctx.of_kind("block") if p.residual]
+        if not stacks:
+            raise InputError("AB-Cache needs a block stack to extrapolate")
+        steps, computed = [], 0
+        for full in _full_steps(ctx.num_steps, self.interval, max(self.warmup, 1)):
+            if full:
+                steps.append({})
+                computed += 1
+            else:
+                steps.append({p.key: "ab2" if computed >= 2 else "reuse" for p in stacks})
+        return steps
+
+
+@dataclasses.dataclass(repr=False)
+class DeepCache(Method):
+    """DeepCache (arXiv 2312.00858), for U-Nets: every ``interval`` steps the whole network runs; in between only
+    the shallow encoder/decoder blocks run and the decoder block below them reuses the deep feature. ``branch`` 0 is
+    the shallowest skip branch (most skipped). The decoder is the stack that consumes skip connections."""
+
+    interval: int = 3
+    branch: int = 0
+
+    def schedule(self, ctx):
+        _check_interval(self.interval)
+        structure = getattr(getattr(ctx.profile, "traced", None), "structure", None)
+        decoder = None
+        if structure is not None:
+            decoder = next((s for s in reversed(structure.stacks) if any(b.skip_in for b in s.blocks)), None)
+        if decoder is None or len(decoder.blocks) < 2:
+            raise InputError("DeepCache needs a U-Net: a decoder stack of two or more blocks fed by skip connections")
+        index = len(decoder.blocks) - 2 - self.branch
+        if index < 0:
+            raise InputError(f"branch must be between 0 and {len(decoder.blocks) - 2}, got {self.branch}")
+        key = f"block:{decoder.blocks[index].path}"
+        full = _full_steps(ctx.num_steps, self.interval, 1)
+        return [{} if f else {key: "reuse"} for f in full]
+
+
+@dataclasses.dataclass(repr=False)
+class PAB(Method):
+    """Pyramid Attention Broadcast (arXiv 2408.12588): inside a timestep window each attention output is computed
+    every ``self_range`` (self-attention) or ``cross_range`` (cross-attention) steps and broadcast (reused) in
+    between; outside the window everything runs. ``window`` is on the 0–1000 timestep scale (a 0–1 scale is
+    multiplied by 1000). Self vs cross is read from the graph (do the keys come from the sample?). Defaults are the
+    Open-Sora settings (spatial 2, cross 6, window 450–930)."""
+
+    self_range: int = 2
+    cross_range: int = 6
+    window: tuple[float, float] = (450.0, 930.0)
+
+    def schedule(self, ctx):
+        from fxcache.analysis.points import attention_kind
+
+        traced = getattr(ctx.profile, "traced", None)
+        if traced is None:
+            raise InputError("PAB needs the profiled graph to tell self- from cross-attention")
+        ranges = {"self": self.self_range, "cross": self.cross_range}
+        for r in ranges.values():
+            _check_interval(r)
+        attn = [(p, attention_kind(traced.graph_module, p)) for p in ctx.of_kind("layer")]
+        attn = [(p, k) for p, k in attn if k is not None]
+        if not attn:
+            raise InputError("PAB broadcasts attention outputs, but none of this model's layer cache points is an "
+                             "attention module (a U-Net's attention sits inside a transformer branch: use DeepCache)")
+        ts = [t for t in ctx.timesteps if t is not None]
+        scale = 1000.0 if ts and max(abs(t) for t in ts) <= 1.0 else 1.0
+        lo, hi = self.window
+        out = []
+        for s in range(ctx.num_steps):
+            t = ctx.timesteps[s] if s < len(ctx.timesteps) and ctx.timesteps[s] is not None else None
+            inside = t is not None and lo < t * scale < hi
+            out.append({p.key: "reuse" for p, k in attn if inside and s % ranges[k] != 0})
+        return out
+
+
+@dataclasses.dataclass(repr=False)
+class MagCache(Method):
+    """MagCache (arXiv 2506.09045): the stack residual's magnitude ratio γ_s (mean per-token norm ratio to the
+    previous step) is read from the profile — MagCache's one-sample calibration — and the skip rule is applied to
+    it offline: after the first ``retention`` fraction of steps, accumulate ratio ← ratio·γ_s, error ← error +
+    |1 − ratio|; skip (reuse every stack residual) while error ≤ ``threshold`` and at most ``max_skips`` in a row,
+    else compute and reset. Because γ comes from calibration, the decisions are known ahead of time and need no
+    host sync. Defaults: FLUX settings (δ = 0.24, K = 5, retention 0.1)."""
+
+    threshold: float = 0.24
+    max_skips: int = 5
+    retention: float = 0.1
+
+    def schedule(self, ctx):
+        prof = ctx.profile
+        stacks = ctx.of_kind("stack") or [p for p in ctx.of_kind("block") if p.residual]
+        if prof is None or not stacks:
+            raise InputError("MagCache needs a profile with a stack residual")
+        import warnings
+
+        import numpy as np
+
+        with warnings.catch_warnings():  # step 0 has no ratio (all-NaN column)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            gammas = np.nanmean(np.stack([prof.metric("mag_ratio", p.key) for p in stacks]), axis=0)
+        start = max(1, round(self.retention * ctx.num_steps))
+        out, ratio, err, skips = [], 1.0, 0.0, 0
+        for s in range(ctx.num_steps):
+            if s < start or not np.isfinite(gammas[s]):
+                out.append({})
+                continue
+            ratio *= float(gammas[s])
+            err += abs(1.0 - ratio)
+            skips += 1
+            if err <= self.threshold and skips <= self.max_skips:
+                out.append({p.key: "reuse" for p in stacks})
+            else:
+                out.append({})
+                ratio, err, skips = 1.0, 0.0, 0
         return out
