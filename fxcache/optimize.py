@@ -29,7 +29,7 @@ def optimize(model, calib_prompts: Sequence[Any], *, sampler=None, method: Metho
     ctx = PlanContext(fingerprint=prof.fingerprint, num_steps=prof.num_steps, points=prof.cache_points,
                       timesteps=prof.timesteps, profile=prof)
     plan = method.plan(ctx)
-    optimized = OptimizedDenoiser(prof.traced, plan, prof.cache_points)
+    optimized = OptimizedDenoiser(prof.traced, plan, prof.cache_points + prof.signal_points)
     optimized.profile = prof
     log.info("optimized %s with %s", prof.model_name, plan.summary())
     if _is_pipeline(model):

@@ -44,26 +44,48 @@ class Plan:
     method: str = "custom"
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
     timesteps: list[float | None] = dataclasses.field(default_factory=list)
+    #: a dynamic gate (``None``: the schedule is static). ``{"kind": "fbcache" | "teacache", "signal": point key,
+    #: "skip": {point: "reuse"}, "threshold": float, "steps": [steps it decides], "coefficients": [...]}`` — at the
+    #: listed steps the runtime runs the signal's prefix, then either the step as planned or the ``skip`` actions.
+    gate: dict[str, Any] | None = None
 
     # -- queries ------------------------------------------------------------------------------------------------
     def actions(self, step: int) -> dict[str, str]:
         return {k: a for k, a in self.steps[step].items() if a != "compute"}
 
     def read_points(self) -> set[str]:
-        return {k for s in range(self.num_steps) for k in self.actions(s)}
+        static = {k for s in range(self.num_steps) for k in self.actions(s)}
+        return static | set(self.gate["skip"]) if self.gate else static
 
     def max_order(self, key: str) -> int:
-        return max((ORDER[a] for s in self.steps for k, a in s.items() if k == key and a in ORDER), default=0)
+        acts = [a for s in self.steps for k, a in s.items() if k == key and a in ORDER]
+        if self.gate:
+            acts += [a for k, a in self.gate["skip"].items() if k == key]
+        return max((ORDER[a] for a in acts), default=0)
+
+    def gated(self, step: int) -> bool:
+        return bool(self.gate) and step in self.gate["steps"]
 
     def writes_at(self, step: int) -> list[str]:
-        """Points computed at ``step`` whose value a later step reads."""
+        """Points computed at ``step`` whose value a later step may read."""
         later = {k for s in range(step + 1, self.num_steps) for k in self.actions(s)}
+        if self.gate and any(s > step for s in self.gate["steps"]):
+            later |= set(self.gate["skip"])
         return sorted(k for k in later if k not in self.actions(step))
 
     # -- validation ---------------------------------------------------------------------------------------------
     def validate(self, points: Sequence[CachePoint]) -> None:
         """Reject, before any step runs, plans this model cannot execute."""
         by_key = {p.key: p for p in points}
+        if self.gate:
+            missing = [k for k in [self.gate["signal"], *self.gate["skip"]] if k not in by_key]
+            if missing:
+                raise PlanError(f"gate {self.gate['kind']!r} names unknown point {missing[0]!r}")
+            if 0 in self.gate["steps"]:
+                raise PlanError("a gate cannot decide step 0: nothing is cached yet")
+            bad = [a for a in self.gate["skip"].values() if a != "reuse"]
+            if bad:
+                raise PlanError(f"gate skip actions must be 'reuse', got {bad[0]!r}")
         if len(self.steps) != self.num_steps:
             raise PlanError(f"plan lists {len(self.steps)} steps but num_steps is {self.num_steps}")
         computed = {k: 0 for k in by_key}
@@ -81,6 +103,8 @@ class Plan:
                         f"point, the plan has {computed[key]} before step {s} (forecast order above the available "
                         "history)")
             self._check_overlap(s, acts, by_key)
+            if self.gated(s) and acts:
+                raise PlanError(f"step {s} is decided by the {self.gate['kind']} gate and cannot also list actions")
             for key in by_key:
                 if acts.get(key, "compute") == "compute" and not self._inside_read(key, acts, by_key):
                     computed[key] += 1

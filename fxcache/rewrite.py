@@ -16,7 +16,15 @@ import torch.fx
 from fxcache.analysis.flops import node_flops
 from fxcache.analysis.points import CachePoint
 from fxcache.ir import copy_graph_module, info
-from fxcache.passes import EliminateDeadCode, FlattenIO, ReadFromCache, WriteToCache, run_passes
+from fxcache.passes import (
+    EliminateDeadCode,
+    FlattenIO,
+    KeepOnlyCut,
+    ReadFromCache,
+    ResumeFromCut,
+    WriteToCache,
+    run_passes,
+)
 
 __all__ = ["Variant", "block_flops", "specialize"]
 
@@ -28,9 +36,17 @@ class Variant:
 
     writes: tuple[str, ...] = ()
     reads: tuple[tuple[str, int], ...] = ()
+    #: ``"prefix"``: only the ops a gate needs, returning the cut tensors (and ``writes``); ``"suffix"``: resumes
+    #: from the cut tensors; ``""``: the whole step
+    part: str = ""
+    cut: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
+        if self.part == "prefix":
+            return f"gate-prefix+write[{len(self.writes)}]"
+        if self.part == "suffix":
+            return "suffix:" + Variant(self.writes, self.reads).name
         if not self.reads:
             return "full" if not self.writes else f"full+write[{len(self.writes)}]"
         orders = sorted({o for _, o in self.reads})
@@ -43,7 +59,12 @@ def specialize(graph_module: torch.fx.GraphModule, points: Mapping[str, CachePoi
     """The step graph of ``variant`` built from the traced ``graph_module`` (which is left unchanged)."""
     gm = copy_graph_module(graph_module)
     passes = [FlattenIO(), WriteToCache([points[k] for k in variant.writes]),
-              ReadFromCache([(points[k], order) for k, order in variant.reads]), EliminateDeadCode()]
+              ReadFromCache([(points[k], order) for k, order in variant.reads])]
+    if variant.part == "prefix":
+        passes.append(KeepOnlyCut(variant.cut))
+    elif variant.part == "suffix":
+        passes.append(ResumeFromCut(variant.cut))
+    passes.append(EliminateDeadCode())
     gm = run_passes(gm, passes)
     gm.meta["fxcache_variant"] = variant
     return gm

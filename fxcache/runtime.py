@@ -20,6 +20,7 @@ from fxcache.analysis.points import CachePoint
 from fxcache.errors import InputError
 from fxcache.plan import ORDER, Plan, PlanError
 from fxcache.predictors import HERMITE_SIGMA, _hermite_scaled
+from fxcache.passes import prefix_cut
 from fxcache.rewrite import Variant, block_flops, specialize
 from fxcache.trace import TracedDenoiser, _Signature
 
@@ -103,6 +104,24 @@ class OptimizedDenoiser(torch.nn.Module):
             if v not in graphs:
                 graphs[v] = specialize(traced.graph_module, self._points, v)
             self._variant_of_step.append(v)
+        self._gate = None
+        if plan.gate:
+            self._gate = _GATES[plan.gate["kind"]](plan.gate)
+            signal = self._points[plan.gate["signal"]]
+            anchors = [k for k in (*signal.nodes, *signal.bases) if k is not None]
+            cut = tuple(prefix_cut(traced.graph_module, anchors))
+            skip_reads = tuple(sorted((k, 0) for k in plan.gate["skip"]))
+            self._gate_variants = {}
+            for s in plan.gate["steps"]:
+                writes = tuple(plan.writes_at(s))
+                prefix = Variant(writes=(signal.key,), part="prefix", cut=cut)
+                compute = Variant(writes=writes, part="suffix", cut=cut)
+                skip = Variant(writes=tuple(w for w in writes if w not in plan.gate["skip"]), reads=skip_reads,
+                               part="suffix", cut=cut)
+                for v in (prefix, compute, skip):
+                    if v not in graphs:
+                        graphs[v] = specialize(traced.graph_module, self._points, v)
+                self._gate_variants[s] = (prefix, compute, skip)
         self._graphs = graphs
         self.variants = torch.nn.ModuleDict({f"v{i}": g for i, g in enumerate(graphs.values())})
         self._flops = {v: block_flops(g) for v, g in graphs.items()}
@@ -115,6 +134,7 @@ class OptimizedDenoiser(torch.nn.Module):
         self._max_order = {k: plan.max_order(k) for k in plan.read_points()}
         self._tracker = StepTracker()
         self._cache: dict[int, dict[str, _Entry]] = {}
+        self._gate_state: dict[int, dict] = {}
         self._stats = self._new_stats()
 
     # -- state --------------------------------------------------------------------------------------------------
@@ -122,6 +142,7 @@ class OptimizedDenoiser(torch.nn.Module):
         """Forget every cached value: the next call starts a new sampling run."""
         self._tracker.reset()
         self._cache = {}
+        self._gate_state = {}
         self._stats = self._new_stats()
 
     @staticmethod
@@ -155,15 +176,31 @@ class OptimizedDenoiser(torch.nn.Module):
         step, branch, new_run = self._tracker.advance(t)
         if new_run:
             self._cache = {}
+            self._gate_state = {}
             self._stats = self._new_stats()
         if step >= self.plan.num_steps:
             raise InputError(f"this sampling run has more steps than the plan ({self.plan.num_steps}); "
                              "re-optimize for this number of steps, or call .reset() between runs")
-        variant = self._variant_of_step[step]
-        gm = self._graphs[variant]
         cache = self._cache.setdefault(branch, {})
+        if self._gate is not None and self.plan.gated(step):
+            flat, n_out, spec = self._gated_step(leaves, cache, step, branch)
+        else:
+            variant = self._variant_of_step[step]
+            flat = self._run(variant, leaves, cache, step, branch, self.plan.actions(step))
+            self._count(branch, variant, cached=bool(variant.reads))
+            io = self._graphs[variant].meta["fxcache_io"]
+            n_out, spec = io["num_model_outputs"], io["out_spec"]
+        out = _compat.pytree.tree_unflatten(list(flat[:n_out]), spec) if spec is not None else flat[0]
+        if not want_dict and hasattr(out, "to_tuple"):
+            return out.to_tuple()
+        return out
+
+    def _run(self, variant: Variant, leaves: list, cache: dict, step: int, branch: int, acts: dict,
+             tail: Sequence[torch.Tensor] = (), store: bool = True, keep: torch.Tensor | None = None) -> tuple:
+        """Run one variant: inputs = call leaves + cache reads (+ ``tail``: cut tensors); store its writes (per
+        sample where ``keep`` is True the old cache value is kept)."""
+        gm = self._graphs[variant]
         inputs = list(leaves)
-        acts = self.plan.actions(step)
         device = next((x.device for x in leaves if isinstance(x, torch.Tensor)), torch.device("cpu"))
         for point_key, order in variant.reads:
             entry = cache.get(point_key)
@@ -174,26 +211,55 @@ class OptimizedDenoiser(torch.nn.Module):
             inputs += [torch.tensor(c, dtype=torch.float32, device=device) for c in coefs]
             for factors in entry.factors:
                 inputs += factors[: order + 1]
+        inputs += list(tail)
         with torch.no_grad():
             flat = gm(*inputs)
         io = gm.meta["fxcache_io"]
-        n_out = io["num_model_outputs"]
-        pos = n_out
-        for point_key in variant.writes:
-            p = self._points[point_key]
-            values = list(flat[pos: pos + len(p.nodes)])
-            pos += len(p.nodes)
-            self._store(cache, point_key, values, step)
-        self._count(step, branch, variant)
-        out = _compat.pytree.tree_unflatten(list(flat[:n_out]), io["out_spec"]) if io["out_spec"] is not None \
-            else flat[0]
-        if not want_dict and hasattr(out, "to_tuple"):
-            return out.to_tuple()
-        return out
+        pos = io["num_model_outputs"] + io.get("num_cut_outputs", 0)
+        if store:
+            for point_key in variant.writes:
+                n = len(self._points[point_key].nodes)
+                values = list(flat[pos: pos + n])
+                pos += n
+                if self._points[point_key].kind != "signal":
+                    self._store(cache, point_key, values, step, keep)
+        return flat
 
-    def _store(self, cache: dict[str, _Entry], key: str, values: list[torch.Tensor], step: int) -> None:
+    def _gated_step(self, leaves, cache, step, branch):
+        """Prefix → gate decision (one host sync) → the planned step, the skip actions, or — when the samples of a
+        batch disagree — both, merged per sample, so each sample gets exactly what it would get alone."""
+        prefix, compute, skip = self._gate_variants[step]
+        pre = self._run(prefix, leaves, cache, step, branch, {}, store=False)
+        io = self._graphs[prefix].meta["fxcache_io"]
+        n_cut = io["num_cut_outputs"]
+        cut, signal = list(pre[:n_cut]), list(pre[n_cut:])
+        state = self._gate_state.setdefault(branch, {})
+        ready = all(k in cache for k in self.plan.gate["skip"])
+        skip_mask = self._gate.decide(state, signal, ready)  # bool per sample
+        skip_acts = dict(self.plan.gate["skip"])
+        self._count(branch, prefix, cached=False, part=True)
+        if bool(skip_mask.all()):
+            flat = self._run(skip, leaves, cache, step, branch, skip_acts, tail=cut)
+            self._count(branch, skip, cached=True)
+        elif not bool(skip_mask.any()):
+            flat = self._run(compute, leaves, cache, step, branch, {}, tail=cut)
+            self._count(branch, compute, cached=False)
+        else:
+            read = self._run(skip, leaves, cache, step, branch, skip_acts, tail=cut, store=False)
+            full = self._run(compute, leaves, cache, step, branch, {}, tail=cut, keep=skip_mask)
+            flat = tuple(_where_batch(skip_mask, r, f) for r, f in zip(read, full))
+            self._count(branch, compute, cached=False)
+            self._count(branch, skip, cached=True, part=True)
+        self._gate.update(state, signal, skip_mask)
+        io = self._graphs[compute].meta["fxcache_io"]
+        return flat, io["num_model_outputs"], io["out_spec"]
+
+    def _store(self, cache: dict[str, _Entry], key: str, values: list[torch.Tensor], step: int,
+               keep: torch.Tensor | None = None) -> None:
         max_order = self._max_order.get(key, 0)
         entry = cache.get(key)
+        if entry is not None and keep is not None:  # samples that skipped keep their cached value
+            values = [_where_batch(keep, old[0], v) for v, old in zip(values, entry.factors)]
         if entry is None:
             cache[key] = _Entry([[v] for v in values], [step])
             return
@@ -209,14 +275,16 @@ class OptimizedDenoiser(torch.nn.Module):
         entry.factors = new
         entry.steps = (entry.steps + [step])[-(max_order + 2):]
 
-    def _count(self, step: int, branch: int, variant: Variant) -> None:
+    def _count(self, branch: int, variant: Variant, cached: bool, part: bool = False) -> None:
+        """Account one graph run; ``part`` marks the extra graph runs of a gated step (prefix, mixed batch)."""
         s = self._stats
-        s["calls"] += 1
-        if branch == 0:
-            s["steps"] += 1
-            s["full_steps"] += not variant.reads
+        if not part:
+            s["calls"] += 1
+            s["full_flops"] += self._full_flops
+            if branch == 0:
+                s["steps"] += 1
+                s["full_steps"] += not cached
         s["flops"] += self._flops[variant]
-        s["full_flops"] += self._full_flops
         s["variants"][variant.name] = s["variants"].get(variant.name, 0) + 1
 
     def __getattr__(self, name):
@@ -229,3 +297,66 @@ class OptimizedDenoiser(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"plan={self.plan.summary()}, variants={len(self._graphs)}"
+
+
+def _where_batch(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per sample (dim 0): ``a`` where ``mask`` else ``b``."""
+    if not isinstance(a, torch.Tensor) or a.dim() == 0 or a.shape[0] != mask.shape[0]:
+        return b
+    return torch.where(mask.to(a.device).reshape(-1, *([1] * (a.dim() - 1))), a, b)
+
+
+def _per_sample_rel_l1(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    """mean|a − b| / mean|b| per sample (dim 0), over all tensors of a point."""
+    num = sum((x.float() - y.float()).abs().flatten(1).sum(1) for x, y in zip(a, b))
+    den = sum(y.float().abs().flatten(1).sum(1) for y in b)
+    return num / den.clamp_min(1e-12)
+
+
+class _FBCacheGate:
+    """First-Block Cache: skip when the first block's residual changed by less than ``threshold`` (relative L1)
+    since the last step that computed. Decided on the host (one sync per step, the value of one scalar/sample)."""
+
+    def __init__(self, spec):
+        self.threshold = float(spec["threshold"])
+
+    def decide(self, state, signal, ready):
+        prev = state.get("computed")
+        if prev is None or not ready:
+            return torch.zeros(signal[0].shape[0], dtype=torch.bool)
+        return (_per_sample_rel_l1(signal, prev) < self.threshold).cpu()
+
+    def update(self, state, signal, skip):
+        prev = state.get("computed")
+        state["computed"] = signal if prev is None else [_where_batch(skip, p, s) for p, s in zip(prev, signal)]
+
+
+class _TeaCacheGate:
+    """TeaCache: accumulate the rescaled (polynomial, fitted on the profile) relative L1 change of the first block's
+    modulated input between consecutive steps; skip while the sum stays below ``threshold``, reset it on compute.
+    One host sync per step."""
+
+    def __init__(self, spec):
+        self.threshold = float(spec["threshold"])
+        self.coefficients = [float(c) for c in spec["coefficients"]]
+
+    def decide(self, state, signal, ready):
+        prev = state.get("previous")
+        n = signal[0].shape[0]
+        if prev is None or not ready:
+            state["pending"] = torch.zeros(n, dtype=torch.float64)
+            return torch.zeros(n, dtype=torch.bool)
+        d = _per_sample_rel_l1(signal, prev).double().cpu()
+        rescaled = torch.zeros_like(d)
+        for c in self.coefficients:  # Horner, highest power first
+            rescaled = rescaled * d + c
+        acc = state.get("acc", torch.zeros(n, dtype=torch.float64)) + rescaled
+        state["pending"] = acc
+        return acc < self.threshold
+
+    def update(self, state, signal, skip):
+        state["acc"] = torch.where(skip, state["pending"], torch.zeros_like(state["pending"]))
+        state["previous"] = signal
+
+
+_GATES = {"fbcache": _FBCacheGate, "teacache": _TeaCacheGate}

@@ -15,8 +15,8 @@ from fxcache.analysis.points import CachePoint
 from fxcache.errors import InputError
 from fxcache.plan import Plan
 
-__all__ = ["FORA", "PAB", "ABCache", "DeepCache", "DeltaDiT", "Full", "HiCache", "MagCache", "Method", "PlanContext",
-           "TaylorSeer"]
+__all__ = ["FORA", "PAB", "ABCache", "DeepCache", "DeltaDiT", "FBCache", "Full", "HiCache", "MagCache", "Method",
+           "PlanContext", "TaylorSeer", "TeaCache"]
 
 
 @dataclasses.dataclass
@@ -301,3 +301,78 @@ class MagCache(Method):
                 out.append({})
                 ratio, err, skips = 1.0, 0.0, 0
         return out
+
+
+def _residual_blocks(ctx: PlanContext, method: str) -> list[CachePoint]:
+    blocks = [p for p in ctx.of_kind("block") if p.residual]
+    if len(blocks) < 2:
+        raise InputError(f"{method} needs a stack of two or more residual blocks")
+    return blocks
+
+
+@dataclasses.dataclass(repr=False)
+class FBCache(Method):
+    """First-Block Cache (ParaAttention): the first block always runs; when its residual changed by less than
+    ``threshold`` (relative L1) since the last computed step, every later block is skipped and its cached residual
+    added (reading each block's residual is exactly the residual of the rest of the network). Dynamic: decided per
+    step and per sample on the host after the first block (one device→host sync per step)."""
+
+    threshold: float = 0.08
+
+    def schedule(self, ctx):
+        return [{} for _ in range(ctx.num_steps)]
+
+    def plan(self, ctx):
+        blocks = _residual_blocks(ctx, "FBCache")
+        plan = super().plan(ctx)
+        plan.gate = {"kind": "fbcache", "signal": blocks[0].key, "skip": {p.key: "reuse" for p in blocks[1:]},
+                     "threshold": self.threshold, "steps": list(range(1, ctx.num_steps))}
+        return plan
+
+
+@dataclasses.dataclass(repr=False)
+class TeaCache(Method):
+    """TeaCache (arXiv 2411.19108): accumulate the relative L1 change of the first block's modulated input between
+    consecutive steps, rescaled by a 4th-degree polynomial; skip the whole block stack (add its cached residual)
+    while the sum stays below ``threshold``, reset it on compute; the first and last steps always run. The
+    polynomial is **fitted on the profile** (model-output change vs modulated-input change over the calibration
+    steps), so users never supply coefficients. Dynamic: one host sync per step."""
+
+    threshold: float = 0.25
+    degree: int = 4
+
+    def schedule(self, ctx):
+        return [{} for _ in range(ctx.num_steps)]
+
+    def fit(self, ctx) -> list[float]:
+        """Polynomial coefficients (highest power first) mapping the signal's rel-L1 change to the output's."""
+        import numpy as np
+
+        prof = ctx.profile
+        if prof is None:
+            raise InputError("TeaCache fits its rescaling polynomial on a profile; use fxcache.optimize")
+        signal = self._signal(ctx)
+        x = np.concatenate([prof.metrics[prof._index(signal), b, 1:, 1] for b in range(prof.num_branches)])
+        y = np.concatenate([prof.metrics[prof._index("signal:output"), b, 1:, 1] for b in range(prof.num_branches)])
+        ok = np.isfinite(x) & np.isfinite(y)
+        x, y = x[ok], y[ok]
+        if len(x) < 2:
+            raise InputError("TeaCache needs at least 3 calibration steps to fit its polynomial")
+        degree = min(self.degree, len(np.unique(x)) - 1)
+        return [float(c) for c in np.polyfit(x, y, degree)]
+
+    @staticmethod
+    def _signal(ctx) -> str:
+        prof = ctx.profile
+        first = next((p for p in prof.signal_points if p.key.endswith(".modulated_input")), None)
+        if first is None:
+            raise InputError("TeaCache needs the first block's modulated input; none was found in the graph")
+        return first.key
+
+    def plan(self, ctx):
+        stacks = ctx.of_kind("stack") or _residual_blocks(ctx, "TeaCache")
+        plan = super().plan(ctx)
+        plan.gate = {"kind": "teacache", "signal": self._signal(ctx), "skip": {p.key: "reuse" for p in stacks},
+                     "threshold": self.threshold, "coefficients": self.fit(ctx),
+                     "steps": list(range(1, ctx.num_steps - 1))}
+        return plan

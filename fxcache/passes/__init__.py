@@ -6,7 +6,8 @@ from fxcache.passes.eliminate_dead_code import EliminateDeadCode
 from fxcache.passes.flatten_io import FlattenIO
 from fxcache.passes.insert_probes import InsertProbes
 from fxcache.passes.read_cache import ReadFromCache
+from fxcache.passes.split_at_cut import KeepOnlyCut, ResumeFromCut, prefix_cut
 from fxcache.passes.write_cache import WriteToCache
 
-__all__ = ["AnnotateNodes", "EliminateDeadCode", "FlattenIO", "FxPass", "InsertProbes", "PassResult", "ReadFromCache",
-           "WriteToCache", "run_passes"]
+__all__ = ["AnnotateNodes", "EliminateDeadCode", "FlattenIO", "FxPass", "InsertProbes", "KeepOnlyCut", "PassResult",
+           "ReadFromCache", "ResumeFromCut", "WriteToCache", "prefix_cut", "run_passes"]

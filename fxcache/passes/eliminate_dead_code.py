@@ -42,7 +42,7 @@ class EliminateDeadCode(FxPass):
             for node in reversed(list(graph_module.graph.nodes)):
                 if node.users:
                     continue
-                if not _has_side_effect(node) or _orphan_assertion(node):
+                if not _has_side_effect(node) or _orphan_assertion(node) or _dead_mutation(node):
                     graph_module.graph.erase_node(node)
                     removed += 1
                     changed = True
@@ -55,3 +55,39 @@ def _orphan_assertion(node: torch.fx.Node) -> bool:
     if not op_name(node).startswith("aten._assert_tensor_metadata"):
         return False
     return all(all(u is node or op_name(u).startswith("aten._assert") for u in a.users) for a in node.all_input_nodes)
+
+
+_VIEW_PREFIXES = ("aten.slice", "aten.select", "aten.view", "aten._unsafe_view", "aten.as_strided", "aten.unsqueeze",
+                  "aten.squeeze", "aten.expand", "aten.permute", "aten.transpose", "aten.t.", "aten.alias",
+                  "aten.unflatten", "aten.flatten", "aten.reshape", "aten.diagonal", "aten.narrow", "aten.unfold")
+
+
+def _dead_mutation(node: torch.fx.Node) -> bool:
+    """An in-place op (``copy_`` into a slice, ...) that writes into a tensor the graph created and nobody reads any
+    more: the write is unobservable. Mutations of inputs and parameters are always kept."""
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], torch.fx.Node):
+        return False
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.is_mutable:
+        return False
+    root = node.args[0]
+    while op_name(root).startswith(_VIEW_PREFIXES) and root.args and isinstance(root.args[0], torch.fx.Node):
+        root = root.args[0]
+    if root.op in ("placeholder", "get_attr"):
+        return False
+    group, todo = set(), [root]
+    while todo:  # the root and every view of it
+        n = todo.pop()
+        if n in group:
+            continue
+        group.add(n)
+        todo.extend(u for u in n.users if op_name(u).startswith(_VIEW_PREFIXES))
+    for member in group:
+        for user in member.users:
+            if user in group or user is node:
+                continue
+            mutating = getattr(getattr(user, "target", None), "_schema", None)
+            if mutating is not None and mutating.is_mutable and not user.users:
+                continue  # another dead write into the same tensor
+            return False
+    return True
