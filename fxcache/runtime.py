@@ -18,9 +18,9 @@ import torch
 from fxcache import _compat
 from fxcache.analysis.points import CachePoint
 from fxcache.errors import InputError
+from fxcache.passes import prefix_cut
 from fxcache.plan import ORDER, Plan, PlanError
 from fxcache.predictors import HERMITE_SIGMA, _hermite_scaled
-from fxcache.passes import prefix_cut
 from fxcache.rewrite import Variant, block_flops, specialize
 from fxcache.trace import TracedDenoiser, _Signature
 
@@ -112,7 +112,9 @@ class OptimizedDenoiser(torch.nn.Module):
             cut = tuple(prefix_cut(traced.graph_module, anchors))
             skip_reads = tuple(sorted((k, 0) for k in plan.gate["skip"]))
             self._gate_variants = {}
-            for s in plan.gate["steps"]:
+            for s in range(plan.num_steps):
+                if plan.actions(s):
+                    continue
                 writes = tuple(plan.writes_at(s))
                 prefix = Variant(writes=(signal.key,), part="prefix", cut=cut)
                 compute = Variant(writes=writes, part="suffix", cut=cut)
@@ -182,8 +184,10 @@ class OptimizedDenoiser(torch.nn.Module):
             raise InputError(f"this sampling run has more steps than the plan ({self.plan.num_steps}); "
                              "re-optimize for this number of steps, or call .reset() between runs")
         cache = self._cache.setdefault(branch, {})
-        if self._gate is not None and self.plan.gated(step):
-            flat, n_out, spec = self._gated_step(leaves, cache, step, branch)
+        if self._gate is not None and not self.plan.actions(step):
+            # every step without static actions runs through the gate, so its signal history is complete; only
+            # the plan's gated steps may skip
+            flat, n_out, spec = self._gated_step(leaves, cache, step, branch, may_skip=self.plan.gated(step))
         else:
             variant = self._variant_of_step[step]
             flat = self._run(variant, leaves, cache, step, branch, self.plan.actions(step))
@@ -225,7 +229,7 @@ class OptimizedDenoiser(torch.nn.Module):
                     self._store(cache, point_key, values, step, keep)
         return flat
 
-    def _gated_step(self, leaves, cache, step, branch):
+    def _gated_step(self, leaves, cache, step, branch, may_skip: bool):
         """Prefix → gate decision (one host sync) → the planned step, the skip actions, or — when the samples of a
         batch disagree — both, merged per sample, so each sample gets exactly what it would get alone."""
         prefix, compute, skip = self._gate_variants[step]
@@ -234,7 +238,7 @@ class OptimizedDenoiser(torch.nn.Module):
         n_cut = io["num_cut_outputs"]
         cut, signal = list(pre[:n_cut]), list(pre[n_cut:])
         state = self._gate_state.setdefault(branch, {})
-        ready = all(k in cache for k in self.plan.gate["skip"])
+        ready = may_skip and all(k in cache for k in self.plan.gate["skip"])
         skip_mask = self._gate.decide(state, signal, ready)  # bool per sample
         skip_acts = dict(self.plan.gate["skip"])
         self._count(branch, prefix, cached=False, part=True)

@@ -502,3 +502,153 @@ def test_magcache_applies_its_rule_to_the_profiled_ratio_curve():
     blocks = model.transformer_blocks
     _compare(opt, model, smp, ModuleReference(model, {"stack": blocks[-1]}, coefs, order=0,
                                               residual={"stack": blocks[0]}))
+
+
+# -- dynamic gates -----------------------------------------------------------------------------------------------
+
+
+class GateReference:
+    """FBCache / TeaCache written directly with hooks on the eager DiT, per CFG branch (calls alternate)."""
+
+    def __init__(self, model, kind, threshold, coefficients=None, gated_steps=()):
+        self.kind, self.threshold, self.coef = kind, threshold, coefficients
+        self.gated = set(gated_steps)
+        self.call, self.st, self.handles = -1, {}, []
+        self.skipped = []
+        blocks = model.transformer_blocks
+        self.handles.append(model.register_forward_pre_hook(self._count))
+        for i, b in enumerate(blocks):
+            self.handles.append(b.register_forward_hook(self._block(i, len(blocks)), with_kwargs=True))
+        if kind == "teacache":
+            self.handles.append(blocks[0].norm1.register_forward_hook(self._signal))
+
+    def _count(self, mod, args):
+        self.call += 1
+        s, b = self.call // 2, self.call % 2
+        st = self.st.setdefault(b, {"res": {}, "acc": 0.0, "prev": None, "computed": None})
+        st["step"], st["skip"], st["decided"] = s, False, False
+
+    def _state(self):
+        return self.st[self.call % 2]
+
+    def _rel(self, a, b):
+        return ((a - b).abs().mean() / b.abs().mean()).item()
+
+    def _signal(self, mod, args, out):
+        st = self._state()
+        u = out[0]
+        if st["step"] in self.gated and st["prev"] is not None and st["res"]:
+            d = self._rel(u, st["prev"])
+            st["acc"] += sum(c * d ** (len(self.coef) - 1 - i) for i, c in enumerate(self.coef))
+            st["skip"] = st["acc"] < self.threshold
+        st["prev"] = u
+        if not st["skip"]:
+            st["acc"] = 0.0
+
+    def _block(self, i, n):
+        def hook(mod, args, kwargs, out):
+            st = self._state()
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            if self.kind == "fbcache" and i == 0:
+                r = out - x
+                if st["step"] in self.gated and st["computed"] is not None:
+                    st["skip"] = self._rel(r, st["computed"]) < self.threshold
+                if not st["skip"]:
+                    st["computed"] = r
+            if i == 0 and self.call % 2 == 0:
+                self.skipped.append(st["skip"])
+            if st["skip"] and (i > 0 or self.kind == "teacache"):
+                return x + st["res"][i]
+            st["res"][i] = out - x
+            return out
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("kind", ["fbcache", "teacache"])
+def test_dynamic_gates_match_their_eager_formula(kind):
+    import numpy as np
+
+    from fxcache.methods import FBCache, TeaCache
+
+    model, smp = dit(), sampler("euler", steps=STEPS, cfg="separate")
+    prof = fxcache.profile(model, [3, 5], sampler=smp, sensitivity=0, progress=False)
+    if kind == "fbcache":
+        # a threshold in the middle of the first block's observed changes, so that both decisions happen
+        threshold = float(np.nanmedian(prof.metric("rel_l1", "block:transformer_blocks.0")))
+        method = FBCache(threshold=threshold)
+    else:
+        method = TeaCache(threshold=0.3)
+    opt = fxcache.optimize(model, [3, 5], sampler=smp, method=method, progress=False)
+    gate = opt.plan.gate
+    if kind == "teacache":  # the rescaling polynomial is a least-squares fit on the profile, not user input
+        x = prof.metrics[prof._index(gate["signal"]), :, 1:, 1].ravel()
+        y = prof.metrics[prof._index("signal:output"), :, 1:, 1].ravel()
+        np.testing.assert_allclose(gate["coefficients"], np.polyfit(x, y, 4), rtol=1e-6)
+        assert gate["steps"] == list(range(1, STEPS - 1))  # first and last step always computed
+    got = _run(opt, smp, 3)
+    ref = GateReference(model, kind, gate["threshold"], gate.get("coefficients"), gate["steps"])
+    try:
+        want = _run(model, smp, 3)
+    finally:
+        ref.remove()
+    assert 0 < sum(ref.skipped) < STEPS  # the gate really decided both ways
+    assert opt.stats()["full_steps"] == STEPS - sum(ref.skipped)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    assert opt.stats()["computed_fraction"] < 1.0
+
+
+def test_dynamic_gate_batch_of_two_equals_two_runs_of_one():
+    import numpy as np
+    from profiling import dit_call
+
+    from fxcache.methods import FBCache
+    from fxcache.testing.samplers import flow_euler_sampler
+
+    model = dit()
+
+    def loop(den, x0):
+        x, sig = x0, torch.linspace(1, 0, STEPS + 1)
+        for i in range(STEPS):
+            t = (sig[i] * 1000).expand(x.shape[0]).clone()
+            x = x + (sig[i + 1] - sig[i]) * dit_call(den, x, t, 3, False)
+        return x
+
+    one_smp = flow_euler_sampler(dit_call, (1, 4, 8, 8), steps=STEPS)
+    prof = fxcache.profile(model, [3], sampler=one_smp, sensitivity=0, progress=False)
+    method = FBCache(threshold=float(np.nanmedian(prof.metric("rel_l1", "block:transformer_blocks.0"))))
+    one = fxcache.optimize(model, [3], sampler=one_smp, method=method, progress=False)
+    two = fxcache.optimize(model, [3], sampler=flow_euler_sampler(dit_call, (2, 4, 8, 8), steps=STEPS),
+                           method=method, progress=False)
+    torch.manual_seed(1)
+    x0 = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        batched = loop(two, x0)
+        singles = torch.cat([loop(one, x0[:1]), loop(one, x0[1:])])
+    assert torch.allclose(batched, singles, atol=1e-5)
+
+
+def test_reading_a_chain_of_block_residuals_equals_reading_the_stack_residual():
+    """Reading blocks 0..11 (keys sort as 0, 1, 10, 11, 2, ...) must chain in graph order: in + Σ R_i."""
+    from custom_models import TinyDiT
+
+    torch.manual_seed(0)
+    model = TinyDiT(depth=12).eval()
+    args = (torch.randn(2, 4, 8, 8), torch.tensor([500.0, 500.0]), torch.tensor([1, 2]))
+    traced = fxcache.trace(model, args)
+    pts = {p.key: p for p in fxcache.analysis.find_cache_points(traced.graph_module, traced.structure)}
+    blocks = [f"block:blocks.{i}" for i in range(12)]
+    writer = specialize(traced.graph_module, pts, Variant(writes=(*blocks, "stack:blocks")))
+    with torch.no_grad():
+        flat = writer(*args)
+    residuals, stack = list(flat[1:13]), flat[13]
+    by_blocks = specialize(traced.graph_module, pts, Variant(reads=tuple((b, 0) for b in blocks)))
+    by_stack = specialize(traced.graph_module, pts, Variant(reads=(("stack:blocks", 0),)))
+    with torch.no_grad():
+        a = by_blocks(*args, *residuals)[0]
+        b = by_stack(*args, stack)[0]
+    assert torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(a, flat[0], atol=1e-5)  # same step: cached residuals reproduce the computed output

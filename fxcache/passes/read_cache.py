@@ -4,7 +4,8 @@ For each tensor ``i`` of a point read with forecast order ``m`` the graph gains 
 ``.d<m>`` (the stored value and its finite-difference factors, see :mod:`fxcache.predictors`) and, once per point,
 ``coef:<point>.c1`` .. ``.c<m>`` (0-dim tensors). The point's value becomes ``d0 + c1·d1 + … + cm·dm`` — every
 predictor of the library is this form, with coefficients the runtime computes from the step distance — plus the
-stream input for a residual point. Everything that only fed the replaced tensors is left dead for
+stream input for a residual point (itself the replaced value when an earlier point was read: reading blocks
+i and i+1 chains their residuals). Everything that only fed the replaced tensors is left dead for
 :class:`~fxcache.passes.EliminateDeadCode`. Run after :class:`~fxcache.passes.WriteToCache`.
 """
 
@@ -49,7 +50,10 @@ class ReadFromCache(FxPass):
             last_input = node
             return node
 
-        for point, order in self.reads:
+        replaced: dict[torch.fx.Node, torch.fx.Node] = {}  # a base read earlier is the value it was replaced by
+        position = {n: i for i, n in enumerate(graph.nodes)}
+        reads = sorted(self.reads, key=lambda r: min(position[by_key[k]] for k in r[0].nodes))  # graph order
+        for point, order in reads:
             coefs = [new_input(f"coef:{point.key}.c{j}", torch.empty((), dtype=torch.float32))
                      for j in range(1, order + 1)]
             for i, (node_key, base_key) in enumerate(zip(point.nodes, point.bases)):
@@ -72,6 +76,8 @@ class ReadFromCache(FxPass):
                     term = emit(_aten.mul.Tensor, (factors[j], coefs[j - 1]), f"term{j}")
                     value = emit(_aten.add.Tensor, (value, term), f"sum{j}")
                 if base_key is not None:
-                    value = emit(_aten.add.Tensor, (by_key[base_key], value), "stream")
+                    base = by_key[base_key]
+                    value = emit(_aten.add.Tensor, (replaced.get(base, base), value), "stream")
                 node.replace_all_uses_with(value)
+                replaced[node] = value
         return PassResult(graph_module, True)
