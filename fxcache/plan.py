@@ -48,6 +48,15 @@ class Plan:
     #: "skip": {point: "reuse"}, "threshold": float, "steps": [steps it decides], "coefficients": [...]}`` — at the
     #: listed steps the runtime runs the signal's prefix, then either the step as planned or the ``skip`` actions.
     gate: dict[str, Any] | None = None
+    #: points a method defined beyond the profile's (a block range, the whole model), as CachePoint fields
+    extra_points: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def all_points(self, points: Sequence[CachePoint]) -> list[CachePoint]:
+        """``points`` plus this plan's extra points."""
+        extra = [CachePoint(**{**d, "nodes": tuple(d["nodes"]), "bases": tuple(d["bases"]),
+                               "shapes": tuple(tuple(x) for x in d["shapes"]), "dtypes": tuple(d["dtypes"])})
+                 for d in self.extra_points]
+        return list(points) + extra
 
     # -- queries ------------------------------------------------------------------------------------------------
     def actions(self, step: int) -> dict[str, str]:
@@ -113,6 +122,8 @@ class Plan:
     def _contains(outer: CachePoint, inner: CachePoint) -> bool:
         if outer.key == inner.key:
             return False
+        if outer.kind == "model":
+            return True
         if outer.kind == "stack":
             return inner.stack == outer.stack and inner.kind in ("block", "layer")
         if outer.kind == "block":

@@ -92,6 +92,7 @@ class OptimizedDenoiser(torch.nn.Module):
         if plan.fingerprint != traced.fingerprint:
             raise PlanError(f"plan was made for graph {plan.fingerprint}, this model's graph is {traced.fingerprint}: "
                             "the model, its configuration or the call shapes differ")
+        points = plan.all_points(points)
         plan.validate(points)
         self.traced = traced
         self.plan = plan
@@ -204,18 +205,23 @@ class OptimizedDenoiser(torch.nn.Module):
         """Run one variant: inputs = call leaves + cache reads (+ ``tail``: cut tensors); store its writes (per
         sample where ``keep`` is True the old cache value is kept)."""
         gm = self._graphs[variant]
-        inputs = list(leaves)
+        io = gm.meta["fxcache_io"]
         device = next((x.device for x in leaves if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        named: dict[str, torch.Tensor] = {}
         for point_key, order in variant.reads:
             entry = cache.get(point_key)
             if entry is None or len(entry.steps) < order + 1:
                 raise PlanError(f"step {step} (branch {branch}) reads {point_key!r} but this run has not computed it "
                                 f"{order + 1} time(s) yet — was the run started mid-way? call .reset()")
             coefs = forecast_coefficients(acts[point_key], step - entry.steps[-1])
-            inputs += [torch.tensor(c, dtype=torch.float32, device=device) for c in coefs]
-            for factors in entry.factors:
-                inputs += factors[: order + 1]
-        inputs += list(tail)
+            for j, c in enumerate(coefs, start=1):
+                named[f"coef:{point_key}.c{j}"] = torch.tensor(c, dtype=torch.float32, device=device)
+            for i, factors in enumerate(entry.factors):
+                for j in range(order + 1):
+                    named[f"cache:{point_key}[{i}].d{j}"] = factors[j]
+        for key, value in zip(variant.cut, tail):
+            named[f"cut:{key}"] = value
+        inputs = list(leaves) + [named[k] for k in io["inputs"][len(leaves):]]  # in the graph's own input order
         with torch.no_grad():
             flat = gm(*inputs)
         io = gm.meta["fxcache_io"]
@@ -254,7 +260,7 @@ class OptimizedDenoiser(torch.nn.Module):
             flat = tuple(_where_batch(skip_mask, r, f) for r, f in zip(read, full))
             self._count(branch, compute, cached=False)
             self._count(branch, skip, cached=True, part=True)
-        self._gate.update(state, signal, skip_mask)
+        self._gate.update(state, signal, skip_mask, output=flat[0])
         io = self._graphs[compute].meta["fxcache_io"]
         return flat, io["num_model_outputs"], io["out_spec"]
 
@@ -330,7 +336,7 @@ class _FBCacheGate:
             return torch.zeros(signal[0].shape[0], dtype=torch.bool)
         return (_per_sample_rel_l1(signal, prev) < self.threshold).cpu()
 
-    def update(self, state, signal, skip):
+    def update(self, state, signal, skip, output=None):
         prev = state.get("computed")
         state["computed"] = signal if prev is None else [_where_batch(skip, p, s) for p, s in zip(prev, signal)]
 
@@ -358,9 +364,55 @@ class _TeaCacheGate:
         state["pending"] = acc
         return acc < self.threshold
 
-    def update(self, state, signal, skip):
+    def update(self, state, signal, skip, output=None):
         state["acc"] = torch.where(skip, state["pending"], torch.zeros_like(state["pending"]))
         state["previous"] = signal
 
 
-_GATES = {"fbcache": _FBCacheGate, "teacache": _TeaCacheGate}
+class _EasyCacheGate:
+    """EasyCache: from the last two computed steps i > j, k = mean|v_i − v_j| / mean|x_i − x_j| (output change per
+    input change); at a later step n accumulate E += k·mean|x_n − x_{n−1}| / mean|v_i| and skip — output
+    x_n + (v_i − x_i) — while E < ``threshold``; reset on compute. Needs the sample input only, so nothing of the
+    model runs before the decision; one host sync per step. Per sample."""
+
+    def __init__(self, spec):
+        self.threshold = float(spec["threshold"])
+
+    @staticmethod
+    def _mean_abs(t):
+        return t.float().abs().flatten(1).mean(1).double().cpu()
+
+    def decide(self, state, signal, ready):
+        x = signal[0]
+        n = x.shape[0]
+        state["pending"] = state.get("acc", torch.zeros(n, dtype=torch.float64))
+        if not ready or "k" not in state or "x_prev" not in state:
+            return torch.zeros(n, dtype=torch.bool)
+        eps = state["k"] * self._mean_abs(x - state["x_prev"]) / self._mean_abs(state["v_i"]).clamp_min(1e-12)
+        state["pending"] = state["pending"] + eps
+        return state["pending"] < self.threshold
+
+    def update(self, state, signal, skip, output=None):
+        x, v = signal[0], output
+        computed = ~skip
+        if "v_i" in state:
+            keep = skip
+            x_j = _where_batch(keep, state.get("x_j", state["x_i"]), state["x_i"])
+            v_j = _where_batch(keep, state.get("v_j", state["v_i"]), state["v_i"])
+            state["x_i"], state["v_i"] = _where_batch(keep, state["x_i"], x), _where_batch(keep, state["v_i"], v)
+            state["x_j"], state["v_j"] = x_j, v_j
+            k = self._mean_abs(state["v_i"] - v_j) / self._mean_abs(state["x_i"] - x_j).clamp_min(1e-12)
+            have_two = state.get("have_two", torch.zeros_like(computed)) | computed
+            state["k"] = torch.where(computed, k, state.get("k", k))
+            if bool(have_two.all()):
+                state["have_two"] = have_two
+            else:
+                state.pop("k", None)
+                state["have_two"] = have_two
+        else:
+            state["x_i"], state["v_i"] = x, v
+        state["acc"] = torch.where(skip, state["pending"], torch.zeros_like(state["pending"]))
+        state["x_prev"] = x
+
+
+_GATES = {"fbcache": _FBCacheGate, "dbcache": _FBCacheGate, "teacache": _TeaCacheGate, "easycache": _EasyCacheGate}

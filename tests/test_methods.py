@@ -510,8 +510,10 @@ def test_magcache_applies_its_rule_to_the_profiled_ratio_curve():
 class GateReference:
     """FBCache / TeaCache written directly with hooks on the eager DiT, per CFG branch (calls alternate)."""
 
-    def __init__(self, model, kind, threshold, coefficients=None, gated_steps=()):
+    def __init__(self, model, kind, threshold, coefficients=None, gated_steps=(), skip_blocks=None):
         self.kind, self.threshold, self.coef = kind, threshold, coefficients
+        n = len(model.transformer_blocks)
+        self.skip_blocks = set(range(1, n)) if skip_blocks is None else set(skip_blocks)
         self.gated = set(gated_steps)
         self.call, self.st, self.handles = -1, {}, []
         self.skipped = []
@@ -557,7 +559,7 @@ class GateReference:
                     st["computed"] = r
             if i == 0 and self.call % 2 == 0:
                 self.skipped.append(st["skip"])
-            if st["skip"] and (i > 0 or self.kind == "teacache"):
+            if st["skip"] and (self.kind == "teacache" or i in self.skip_blocks):
                 return x + st["res"][i]
             st["res"][i] = out - x
             return out
@@ -652,3 +654,73 @@ def test_reading_a_chain_of_block_residuals_equals_reading_the_stack_residual():
         b = by_stack(*args, stack)[0]
     assert torch.allclose(a, b, atol=1e-5)
     assert torch.allclose(a, flat[0], atol=1e-5)  # same step: cached residuals reproduce the computed output
+
+
+def test_dbcache_probe_and_corrector_match_their_eager_formula():
+    import numpy as np
+
+    from fxcache.methods import DBCache
+
+    model, smp = dit(), sampler("euler", steps=STEPS, cfg="separate")
+    prof = fxcache.profile(model, [3], sampler=smp, sensitivity=0, progress=False)
+    threshold = float(np.nanmedian(prof.metric("rel_l1", "block:transformer_blocks.0")))
+    method = DBCache(front=1, back=1, threshold=threshold, warmup=3)
+    opt = fxcache.optimize(model, [3], sampler=smp, method=method, progress=False)
+    assert set(opt.plan.gate["skip"]) == {"block:transformer_blocks.1"}  # block 0 probes, block 2 corrects
+    assert opt.plan.gate["steps"] == list(range(3, STEPS))
+    got = _run(opt, smp, 3)
+    # eager reference: FBCache's rule on block 0, but only block 1 is skipped, and only from step 3 on
+    ref = GateReference(model, "fbcache", threshold, None, range(3, STEPS), skip_blocks={1})
+    try:
+        want = _run(model, smp, 3)
+    finally:
+        ref.remove()
+    assert 0 < sum(ref.skipped) < STEPS
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_easycache_matches_its_eager_formula():
+    import types
+
+    from fxcache.methods import EasyCache
+
+    model = zoo.build("unet2d_condition")[0]
+    smp = zoo_sampler("unet2d_condition", kind="euler", steps=STEPS, cfg="separate")
+    method = EasyCache(threshold=0.1, warmup=3)
+    opt = fxcache.optimize(model, [1], sampler=smp, method=method, progress=False)
+    got = _run(opt, smp, 1)
+    skipped = []
+    state = {"call": -1}
+
+    def mean_abs(t):
+        return t.abs().mean().item()
+
+    def reference(*args, **kwargs):  # EasyCache written out around the eager model
+        state["call"] += 1
+        s, b = state["call"] // 2, state["call"] % 2
+        st = state.setdefault(b, {"full": [], "acc": 0.0, "x_prev": None})
+        x = kwargs["sample"] if "sample" in kwargs else args[0]
+        skip = False
+        if 3 <= s < STEPS - 1 and len(st["full"]) >= 2:
+            (x_j, v_j), (x_i, v_i) = st["full"][-2:]
+            k = mean_abs(v_i - v_j) / mean_abs(x_i - x_j)
+            acc = st["acc"] + k * mean_abs(x - st["x_prev"]) / mean_abs(v_i)
+            skip = acc < 0.1
+        st["x_prev"] = x
+        if b == 0:
+            skipped.append(skip)
+        if skip:
+            st["acc"] = acc
+            x_i, v_i = st["full"][-1]
+            return types.SimpleNamespace(sample=x + (v_i - x_i))
+        st["acc"] = 0.0
+        out = model(*args, **kwargs).sample
+        st["full"].append((x, out))
+        return types.SimpleNamespace(sample=out)
+
+    want = _run(reference, smp, 1)
+    assert 0 < sum(skipped) < STEPS
+    assert opt.stats()["full_steps"] == STEPS - sum(skipped)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    with pytest.raises(fxcache.InputError, match="not shaped like its sample"):
+        fxcache.optimize(dit(), [3], sampler=sampler("euler", steps=STEPS), method=method, progress=False)

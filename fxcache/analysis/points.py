@@ -36,8 +36,8 @@ from fxcache.ir.meta import info, key_of, module_paths_of, op_name
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GRANULARITIES", "CachePoint", "attention_kind", "find_cache_points", "find_signals", "saved_flops",
-           "total_flops"]
+__all__ = ["GRANULARITIES", "CachePoint", "attention_kind", "find_cache_points", "find_signals", "output_point",
+           "range_point", "saved_flops", "total_flops"]
 
 GRANULARITIES = ("stack", "block", "layer")
 
@@ -357,6 +357,33 @@ def find_cache_points(gm: torch.fx.GraphModule, structure: Structure,
     if dup:  # a module that is both a block and a layer cannot happen; same-named layers of one block can't either
         raise AssertionError(f"duplicate cache point keys: {sorted(dup)}")
     return points
+
+
+def range_point(gm: torch.fx.GraphModule, structure: Structure, stack: str, start: int, stop: int) -> CachePoint:
+    """A point for blocks ``start .. stop-1`` of ``stack`` as one residual (``range:<stack>[start:stop]``): the
+    probe of DBCache / FBCache-style gates."""
+    f = _Finder(gm, structure)
+    st = next((s for s in structure.stacks if s.name == stack), None)
+    if st is None or not 0 <= start < stop <= len(st.blocks):
+        raise InputError(f"no blocks {start}..{stop - 1} in stack {stack!r}")
+    first, last = st.blocks[start], st.blocks[stop - 1]
+    outs = [f.node(k) for k in last.stream_out]
+    ins = [f.node(k) for k in first.stream_in]
+    dep = set().union(*(f._stream_dependent(b) for b in st.blocks[start:stop]))
+    return f._point(f"range:{stack}[{start}:{stop}]", "range", outs, f._pair(outs, ins, dep), stack, None)
+
+
+def output_point(gm: torch.fx.GraphModule, structure: Structure) -> CachePoint | None:
+    """The model output as a residual over the sample input (``model:output``; EasyCache's v − x), or ``None``
+    when the output is not shaped like the sample."""
+    f = _Finder(gm, structure)
+    sample = next((n for n in f.nodes if n.op == "placeholder" and info(n).role == "sample"), None)
+    flat: list[torch.fx.Node] = []
+    torch.fx.node.map_arg(f.nodes[-1].args, flat.append)
+    out = next((n for n in flat if f._tensor(n) is not None), None)
+    if sample is None or out is None or f._tensor(out).shape != f._tensor(sample).shape:
+        return None
+    return f._point("model:output", "model", [out], [sample], None, None)
 
 
 def find_signals(gm: torch.fx.GraphModule, structure: Structure) -> list[CachePoint]:

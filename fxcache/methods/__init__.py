@@ -15,8 +15,8 @@ from fxcache.analysis.points import CachePoint
 from fxcache.errors import InputError
 from fxcache.plan import Plan
 
-__all__ = ["FORA", "PAB", "ABCache", "DeepCache", "DeltaDiT", "FBCache", "Full", "HiCache", "MagCache", "Method",
-           "PlanContext", "TaylorSeer", "TeaCache"]
+__all__ = ["FORA", "PAB", "ABCache", "DBCache", "DeepCache", "DeltaDiT", "EasyCache", "FBCache", "Full", "HiCache",
+           "MagCache", "Method", "PlanContext", "TaylorSeer", "TeaCache"]
 
 
 @dataclasses.dataclass
@@ -376,3 +376,69 @@ class TeaCache(Method):
                      "threshold": self.threshold, "coefficients": self.fit(ctx),
                      "steps": list(range(1, ctx.num_steps - 1))}
         return plan
+
+
+@dataclasses.dataclass(repr=False)
+class DBCache(Method):
+    """DBCache (cache-dit's Dual Block Cache): the first ``front`` blocks always run as a probe; when their joint
+    residual changed by less than ``threshold`` (relative L1) since the last computed step, the middle blocks are
+    skipped (their cached residuals added) and the last ``back`` blocks run as a corrector. No skipping during the
+    first ``warmup`` steps. FBCache is ``DBCache(front=1, back=0, warmup=1)``. Dynamic: one host sync per step."""
+
+    front: int = 8
+    back: int = 0
+    threshold: float = 0.08
+    warmup: int = 8
+
+    def plan(self, ctx):
+        from fxcache.analysis.points import range_point
+
+        traced = getattr(ctx.profile, "traced", None)
+        if traced is None:
+            raise InputError("DBCache builds its probe point on the profiled graph; use fxcache.optimize")
+        blocks = _residual_blocks(ctx, "DBCache")
+        first_stack = blocks[0].stack
+        n_first = sum(1 for b in blocks if b.stack == first_stack)
+        front = min(self.front, n_first)
+        if front < 1 or self.back < 0 or front + self.back >= len(blocks):
+            raise InputError(f"front={self.front}, back={self.back} leave no middle blocks to cache in a model with "
+                             f"{len(blocks)} residual blocks")
+        probe = range_point(traced.graph_module, traced.structure, first_stack, 0, front)
+        middle = blocks[front: len(blocks) - self.back]
+        plan = super().plan(ctx)
+        plan.extra_points = [dataclasses.asdict(probe)]
+        plan.gate = {"kind": "dbcache", "signal": probe.key, "skip": {p.key: "reuse" for p in middle},
+                     "threshold": self.threshold, "steps": list(range(max(1, self.warmup), ctx.num_steps))}
+        return plan
+
+    def schedule(self, ctx):
+        return [{} for _ in range(ctx.num_steps)]
+
+
+@dataclasses.dataclass(repr=False)
+class EasyCache(Method):
+    """EasyCache (arXiv 2507.02860): whole-model reuse v̂ = x + (v_i − x_i), decided from the transformation rate
+    of the last two computed steps and the accumulated input change (see the runtime gate); the first ``warmup``
+    steps and the last step always run. Needs a model output shaped like its sample input."""
+
+    threshold: float = 0.05
+    warmup: int = 5
+
+    def plan(self, ctx):
+        from fxcache.analysis.points import output_point
+
+        traced = getattr(ctx.profile, "traced", None)
+        if traced is None:
+            raise InputError("EasyCache builds its output point on the profiled graph; use fxcache.optimize")
+        point = output_point(traced.graph_module, traced.structure)
+        if point is None:
+            raise InputError("EasyCache caches v − x: this model's output is not shaped like its sample input "
+                             "(e.g. a learned-sigma DiT returns twice the channels)")
+        plan = super().plan(ctx)
+        plan.extra_points = [dataclasses.asdict(point)]
+        plan.gate = {"kind": "easycache", "signal": "signal:sample", "skip": {point.key: "reuse"},
+                     "threshold": self.threshold, "steps": list(range(max(1, self.warmup), ctx.num_steps - 1))}
+        return plan
+
+    def schedule(self, ctx):
+        return [{} for _ in range(ctx.num_steps)]
