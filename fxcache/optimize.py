@@ -33,7 +33,8 @@ def optimize(model, calib_prompts: Sequence[Any], *, sampler=None, method: Metho
     optimized.profile = prof
     log.info("optimized %s with %s", prof.model_name, plan.summary())
     if _is_pipeline(model):
-        attr = next(a for a in _DENOISER_ATTRS if getattr(model, a, None) is prof.traced.model)
+        attr = next(a for a in _DENOISER_ATTRS if getattr(model, a, None) is prof.traced.model
+                    or getattr(getattr(model, a, None), "traced", None) is prof.traced)
         setattr(model, attr, optimized)
         return model
     return optimized

@@ -330,7 +330,7 @@ class _StandIn:
         return getattr(self._model, name)
 
 
-def _pipeline_invoker(pipe, denoiser: torch.nn.Module, prompt, call_kwargs: dict):
+def _pipeline_invoker(pipe, attr: str, denoiser: torch.nn.Module, prompt, call_kwargs: dict):
     kwargs = dict(call_kwargs)
     if isinstance(prompt, str):
         kwargs["prompt"] = prompt
@@ -344,11 +344,16 @@ def _pipeline_invoker(pipe, denoiser: torch.nn.Module, prompt, call_kwargs: dict
         kwargs["output_type"] = "latent"
 
     def invoke(calibration: Calibration):
+        installed = getattr(pipe, attr)
+        if installed is not denoiser:  # e.g. an OptimizedDenoiser from an earlier optimize(): run the raw model
+            setattr(pipe, attr, denoiser)
         denoiser.forward = calibration  # instance attribute shadows the class's forward while the pipeline runs
         try:
             return pipe(**kwargs)
         finally:
             del denoiser.forward
+            if installed is not denoiser:
+                setattr(pipe, attr, installed)
 
     return invoke
 
@@ -434,12 +439,14 @@ def profile(model, calib_prompts: Sequence[Any], *, sampler=None, granularity: I
             raise InputError("sampler= is for bare denoisers; a pipeline runs its own sampling loop")
         attr = next(a for a in _DENOISER_ATTRS if isinstance(getattr(model, a, None), torch.nn.Module))
         denoiser, traced = getattr(model, attr), None
+        denoiser = getattr(denoiser, "traced", denoiser)  # an OptimizedDenoiser: profile the model under it
         if isinstance(denoiser, TracedDenoiser):
             traced, denoiser = denoiser, denoiser.model
     elif isinstance(model, torch.nn.Module):
         if sampler is None or not callable(sampler):
             raise InputError("a bare denoiser needs sampler=: a function sampler(denoiser, prompt) that runs one "
                              "sampling loop and returns the final sample")
+        model = getattr(model, "traced", model)  # an OptimizedDenoiser: profile the model under it
         traced = model if isinstance(model, TracedDenoiser) else None
         denoiser = model.model if traced is not None else model
     else:
@@ -461,7 +468,7 @@ def profile(model, calib_prompts: Sequence[Any], *, sampler=None, granularity: I
     def invoker(i: int):
         prompt = calib_prompts[i]
         if _is_pipeline(model):
-            return _pipeline_invoker(model, denoiser, prompt, call_kwargs)
+            return _pipeline_invoker(model, attr, denoiser, prompt, call_kwargs)
         stand_in = _StandIn(calib, denoiser)
         return lambda c: sampler(stand_in, prompt, **call_kwargs)
 
