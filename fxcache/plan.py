@@ -48,6 +48,10 @@ class Plan:
     #: "skip": {point: "reuse"}, "threshold": float, "steps": [steps it decides], "coefficients": [...]}`` — at the
     #: listed steps the runtime runs the signal's prefix, then either the step as planned or the ``skip`` actions.
     gate: dict[str, Any] | None = None
+    #: FasterCache-style CFG caching: ``{"refresh": [steps storing the branch difference], "derive": [steps whose
+    #: unconditional output is derived from the conditional one], "radius": low-frequency disc radius as a fraction
+    #: of min(H, W), "weights": {step: [w_lf, w_hf]} multiplicative reweighting at each derived step}``
+    cfg_cache: dict[str, Any] | None = None
     #: points a method defined beyond the profile's (a block range, the whole model), as CachePoint fields
     extra_points: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
@@ -97,6 +101,11 @@ class Plan:
                 raise PlanError(f"gate skip actions must be 'reuse', got {bad[0]!r}")
         if len(self.steps) != self.num_steps:
             raise PlanError(f"plan lists {len(self.steps)} steps but num_steps is {self.num_steps}")
+        if self.cfg_cache:
+            refresh, derive = self.cfg_cache["refresh"], self.cfg_cache["derive"]
+            if derive and (not refresh or min(derive) < min(refresh)):
+                raise PlanError("the CFG cache derives the unconditional output before any step stored the branch "
+                                "difference")
         computed = {k: 0 for k in by_key}
         for s, acts in enumerate(self.steps):
             for key, action in acts.items():

@@ -138,6 +138,7 @@ class OptimizedDenoiser(torch.nn.Module):
         self._tracker = StepTracker()
         self._cache: dict[int, dict[str, _Entry]] = {}
         self._gate_state: dict[int, dict] = {}
+        self._cfg_state: dict = {}
         self._stats = self._new_stats()
 
     # -- state --------------------------------------------------------------------------------------------------
@@ -146,6 +147,7 @@ class OptimizedDenoiser(torch.nn.Module):
         self._tracker.reset()
         self._cache = {}
         self._gate_state = {}
+        self._cfg_state = {}
         self._stats = self._new_stats()
 
     @staticmethod
@@ -180,11 +182,17 @@ class OptimizedDenoiser(torch.nn.Module):
         if new_run:
             self._cache = {}
             self._gate_state = {}
+            self._cfg_state = {}
             self._stats = self._new_stats()
         if step >= self.plan.num_steps:
             raise InputError(f"this sampling run has more steps than the plan ({self.plan.num_steps}); "
                              "re-optimize for this number of steps, or call .reset() between runs")
         cache = self._cache.setdefault(branch, {})
+        cfg = self.plan.cfg_cache
+        if cfg and branch == 1 and step in cfg["derive"]:
+            flat, n_out, spec = self._derive_uncond(step)
+            out = _compat.pytree.tree_unflatten(list(flat[:n_out]), spec) if spec is not None else flat[0]
+            return out.to_tuple() if not want_dict and hasattr(out, "to_tuple") else out
         if self._gate is not None and not self.plan.actions(step):
             # every step without static actions runs through the gate, so its signal history is complete; only
             # the plan's gated steps may skip
@@ -195,10 +203,45 @@ class OptimizedDenoiser(torch.nn.Module):
             self._count(branch, variant, cached=bool(variant.reads))
             io = self._graphs[variant].meta["fxcache_io"]
             n_out, spec = io["num_model_outputs"], io["out_spec"]
+        if cfg:
+            self._cfg_observe(step, branch, flat, n_out, spec)
         out = _compat.pytree.tree_unflatten(list(flat[:n_out]), spec) if spec is not None else flat[0]
         if not want_dict and hasattr(out, "to_tuple"):
             return out.to_tuple()
         return out
+
+    # -- CFG cache (FasterCache) ------------------------------------------------------------------------------
+    def _cfg_observe(self, step, branch, flat, n_out, spec) -> None:
+        """Keep this step's conditional output; at refresh steps store the frequency-split branch difference."""
+        st = self._cfg_state
+        if branch == 0:
+            st["cond"] = (step, flat, n_out, spec)
+        elif branch == 1 and step in self.plan.cfg_cache["refresh"] and st.get("cond", (None,))[0] == step:
+            cond = st["cond"][1][0]
+            diff = _fft2(flat[0]) - _fft2(cond)
+            low = _low_pass_mask(cond, self.plan.cfg_cache["radius"])
+            st["delta_lf"], st["delta_hf"] = diff * low, diff * (~low)
+            st["w_lf"], st["w_hf"] = 1.0, 1.0
+
+    def _derive_uncond(self, step):
+        st = self._cfg_state
+        cfg = self.plan.cfg_cache
+        if st.get("cond", (None,))[0] != step or "delta_lf" not in st:
+            raise PlanError(f"step {step}: the unconditional output is derived from this step's conditional call and "
+                            "a stored CFG difference, but the conditional call did not come first or no full CFG "
+                            "step stored the difference yet")
+        _, flat, n_out, spec = st["cond"]
+        w_lf, w_hf = cfg["weights"][str(step)] if isinstance(cfg["weights"], dict) else cfg["weights"][step]
+        st["w_lf"] *= w_lf
+        st["w_hf"] *= w_hf
+        cond = flat[0]
+        freq = _fft2(cond) + st["w_lf"] * st["delta_lf"] + st["w_hf"] * st["delta_hf"]
+        uncond = torch.fft.ifft2(torch.fft.ifftshift(freq, dim=(-2, -1))).real.to(cond.dtype)
+        s = self._stats
+        s["calls"] += 1
+        s["full_flops"] += self._full_flops
+        s["variants"]["cfg-derived"] = s["variants"].get("cfg-derived", 0) + 1
+        return (uncond, *flat[1:n_out]), n_out, spec
 
     def _run(self, variant: Variant, leaves: list, cache: dict, step: int, branch: int, acts: dict,
              tail: Sequence[torch.Tensor] = (), store: bool = True, keep: torch.Tensor | None = None) -> tuple:
@@ -307,6 +350,19 @@ class OptimizedDenoiser(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"plan={self.plan.summary()}, variants={len(self._graphs)}"
+
+
+def _fft2(x: torch.Tensor) -> torch.Tensor:
+    """Centred 2-D spectrum over the last two (spatial) dims, per frame/channel."""
+    return torch.fft.fftshift(torch.fft.fft2(x.float()), dim=(-2, -1))
+
+
+def _low_pass_mask(x: torch.Tensor, radius: float) -> torch.Tensor:
+    """Disc of radius ``radius · min(H, W)`` around the centre of a shifted spectrum."""
+    h, w = x.shape[-2:]
+    yy = torch.arange(h, device=x.device).view(-1, 1) - h // 2
+    xx = torch.arange(w, device=x.device).view(1, -1) - w // 2
+    return (yy ** 2 + xx ** 2).float().sqrt() <= radius * min(h, w)
 
 
 def _where_batch(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

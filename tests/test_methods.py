@@ -748,3 +748,50 @@ def test_optimize_a_pipeline_replaces_its_denoiser():
     cached = pipe(**kwargs).images
     assert cached.shape == ref.shape and not (cached == ref).all()
     assert pipe.transformer.stats()["full_steps"] == 3  # steps 0, 2, 4
+
+
+def test_fastercache_cfg_cache_matches_its_eager_formula():
+    import types
+
+    from fxcache.methods import FasterCache
+
+    model = zoo.build("unet2d_condition")[0]
+    steps = 15
+    smp = zoo_sampler("unet2d_condition", kind="euler", steps=steps, cfg="separate")
+    opt = fxcache.optimize(model, [1], sampler=smp, method=FasterCache(), progress=False)
+    cfg = opt.plan.cfg_cache
+    assert cfg["refresh"] == [5, 10] and cfg["derive"] == [6, 7, 8, 9, 11, 12, 13, 14]
+    got = _run(opt, smp, 1)
+    state = {"call": -1}
+
+    def spectrum(x):
+        return torch.fft.fftshift(torch.fft.fft2(x), dim=(-2, -1))
+
+    h, w = 8, 8
+    yy, xx = torch.meshgrid(torch.arange(h) - 4, torch.arange(w) - 4, indexing="ij")
+    low = (yy ** 2 + xx ** 2).float().sqrt() <= 0.2 * 8
+
+    def reference(*args, **kwargs):
+        state["call"] += 1
+        s, b = state["call"] // 2, state["call"] % 2
+        if b == 1 and s in cfg["derive"]:
+            w_lf, w_hf = (1.15 if s <= 12.5 else 1.0), (1.15 if s >= 10 else 1.0)
+            state["w_lf"], state["w_hf"] = state["w_lf"] * w_lf, state["w_hf"] * w_hf
+            f = spectrum(state["cond"]) + state["w_lf"] * state["d_lf"] + state["w_hf"] * state["d_hf"]
+            return types.SimpleNamespace(sample=torch.fft.ifft2(torch.fft.ifftshift(f, dim=(-2, -1))).real)
+        out = model(*args, **kwargs).sample
+        if b == 0:
+            state["cond"] = out
+        elif s in cfg["refresh"]:
+            diff = spectrum(out) - spectrum(state["cond"])
+            state["d_lf"], state["d_hf"] = diff * low, diff * ~low
+            state["w_lf"] = state["w_hf"] = 1.0
+        return types.SimpleNamespace(sample=out)
+
+    want = _run(reference, smp, 1)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    assert not torch.allclose(got, _run(model, smp, 1), atol=1e-4)
+    assert opt.stats()["computed_fraction"] == pytest.approx(1 - 8 / 30)  # 8 of 30 calls derived
+    with pytest.raises(fxcache.InputError, match="two calls per step"):
+        fxcache.optimize(model, [1], sampler=zoo_sampler("unet2d_condition", steps=6), method=FasterCache(),
+                         progress=False)

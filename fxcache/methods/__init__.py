@@ -15,7 +15,8 @@ from fxcache.analysis.points import CachePoint
 from fxcache.errors import InputError
 from fxcache.plan import Plan
 
-__all__ = ["FORA", "PAB", "ABCache", "DBCache", "DeepCache", "DeltaDiT", "EasyCache", "FBCache", "Full", "HiCache",
+__all__ = ["FORA", "PAB", "ABCache", "DBCache", "DeepCache", "DeltaDiT", "EasyCache", "FBCache", "FasterCache", "Full",
+           "HiCache",
            "MagCache", "Method", "PlanContext", "TaylorSeer", "TeaCache"]
 
 
@@ -442,3 +443,49 @@ class EasyCache(Method):
 
     def schedule(self, ctx):
         return [{} for _ in range(ctx.num_steps)]
+
+
+@dataclasses.dataclass(repr=False)
+class FasterCache(Method):
+    """FasterCache's CFG-Cache (arXiv 2410.19355): from ``start`` (fraction of the steps) on, the unconditional
+    branch is computed only every ``interval``-th step; there the branch difference is stored split by a centred
+    2-D FFT into a low-frequency disc (radius ``radius``·min(H, W)) and the rest. At the other steps only the
+    conditional call runs and the unconditional output is ``iFFT(F(v_cond) + w_lf·Δ_LF + w_hf·Δ_HF)``, where
+    ``w_hf`` is multiplied by ``weight`` at each such step after ``hf_from`` and ``w_lf`` while before
+    ``lf_until`` (the paper's progressive reweighting; defaults from its 30-step Open-Sora script: start at step 10,
+    interval 5, ×1.15 after step 20 / until step 25). Needs CFG in two calls and a spatial (…, H, W) output. The
+    attention-reuse half of FasterCache is not part of this method."""
+
+    start: float = 1 / 3
+    interval: int = 5
+    radius: float = 0.2
+    weight: float = 1.15
+    hf_from: float = 2 / 3
+    lf_until: float = 5 / 6
+
+    def schedule(self, ctx):
+        return [{} for _ in range(ctx.num_steps)]
+
+    def plan(self, ctx):
+        _check_interval(self.interval)
+        prof = ctx.profile
+        if prof is None or prof.cfg != "separate":
+            raise InputError("FasterCache's CFG cache needs classifier-free guidance done in two calls per step "
+                             f"(profiled: {getattr(prof, 'cfg', 'unknown')})")
+        out = next((p for p in prof.signal_points if p.key == "signal:output"), None)
+        if out is None or len(out.shapes[0]) not in (4, 5):
+            raise InputError("FasterCache's CFG cache splits frequencies over (H, W): the model output must be "
+                             "(B, C, H, W) or (B, C, F, H, W)")
+        t = ctx.num_steps
+        first = max(1, round(self.start * t))
+        refresh, derive, weights = [], [], {}
+        for s in range(first, t):
+            if (s - first) % self.interval == 0:
+                refresh.append(s)
+            else:
+                derive.append(s)
+                weights[str(s)] = [self.weight if s <= self.lf_until * t else 1.0,
+                                   self.weight if s >= self.hf_from * t else 1.0]
+        plan = super().plan(ctx)
+        plan.cfg_cache = {"refresh": refresh, "derive": derive, "radius": self.radius, "weights": weights}
+        return plan
