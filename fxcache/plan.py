@@ -6,7 +6,9 @@ to an action; points not named are computed. Actions:
 * ``"compute"`` — run it (the runtime also stores it when a later step reads it);
 * ``"reuse"`` — take the stored value of the last step that computed it;
 * a predictor of :mod:`fxcache.predictors` — ``"taylor1"``, ``"taylor2"``, ``"ab2"``, ``"hermite"`` — forecast
-  it from the last computed values (needs 1 + order earlier computations of that point).
+  it from the last computed values (needs 1 + order earlier computations of that point);
+* ``"tokens"`` — a token-wise layer (an MLP) computes a fraction of its tokens and takes the rest from the cache
+  (``Plan.tokens``: ``{"fresh": fraction, "score": "random" | "staleness", "seed": int}``).
 
 The same schedule applies to every CFG branch; each branch keeps its own cache.
 """
@@ -27,7 +29,8 @@ __all__ = ["ACTIONS", "ORDER", "Plan", "PlanError"]
 FORMAT_VERSION = 1
 #: forecast order of each action (0 = the stored value itself)
 ORDER = {"reuse": 0, "taylor1": 1, "ab2": 1, "taylor2": 2, "hermite": 2}
-ACTIONS = ("compute", *ORDER)
+#: ``"tokens"``: a token-wise layer computes only some tokens (``Plan.tokens`` says how many), the rest cached
+ACTIONS = ("compute", *ORDER, "tokens")
 
 
 class PlanError(InputError):
@@ -52,6 +55,8 @@ class Plan:
     #: unconditional output is derived from the conditional one], "radius": low-frequency disc radius as a fraction
     #: of min(H, W), "weights": {step: [w_lf, w_hf]} multiplicative reweighting at each derived step}``
     cfg_cache: dict[str, Any] | None = None
+    #: token selection for ``"tokens"`` actions
+    tokens: dict[str, Any] | None = None
     #: points a method defined beyond the profile's (a block range, the whole model), as CachePoint fields
     extra_points: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
@@ -72,6 +77,7 @@ class Plan:
 
     def max_order(self, key: str) -> int:
         acts = [a for s in self.steps for k, a in s.items() if k == key and a in ORDER]
+        acts += ["reuse" for s in self.steps for k, a in s.items() if k == key and a == "tokens"]
         if self.gate:
             acts += [a for k, a in self.gate["skip"].items() if k == key]
         return max((ORDER[a] for a in acts), default=0)
@@ -84,12 +90,18 @@ class Plan:
         later = {k for s in range(step + 1, self.num_steps) for k in self.actions(s)}
         if self.gate and any(s > step for s in self.gate["steps"]):
             later |= set(self.gate["skip"])
-        return sorted(k for k in later if k not in self.actions(step))
+        acts = self.actions(step)
+        if self._by_key is not None:  # a point inside one read at this step is not computed, so not written
+            later = {k for k in later if not self._inside_read(k, acts, self._by_key)}
+        return sorted(k for k in later if k not in acts)
 
     # -- validation ---------------------------------------------------------------------------------------------
+    _by_key = None  # set by validate(): the points the plan was checked against
+
     def validate(self, points: Sequence[CachePoint]) -> None:
         """Reject, before any step runs, plans this model cannot execute."""
         by_key = {p.key: p for p in points}
+        self._by_key = by_key
         if self.gate:
             missing = [k for k in [self.gate["signal"], *self.gate["skip"]] if k not in by_key]
             if missing:
@@ -115,16 +127,19 @@ class Plan:
                 if action not in ACTIONS:
                     raise PlanError(f"step {s}: unknown action {action!r} for {key!r}; actions are "
                                     f"{', '.join(ACTIONS)}")
-                if action != "compute" and computed[key] < ORDER[action] + 1:
+                need = 1 if action == "tokens" else ORDER.get(action, -1) + 1
+                if action == "tokens" and not self.tokens:
+                    raise PlanError(f"step {s}: 'tokens' action on {key!r} but the plan has no token settings")
+                if action != "compute" and computed[key] < need:
                     raise PlanError(
-                        f"step {s}: {action!r} of {key!r} needs {ORDER[action] + 1} earlier computation(s) of that "
+                        f"step {s}: {action!r} of {key!r} needs {need} earlier computation(s) of that "
                         f"point, the plan has {computed[key]} before step {s} (forecast order above the available "
                         "history)")
             self._check_overlap(s, acts, by_key)
             if self.gated(s) and acts:
                 raise PlanError(f"step {s} is decided by the {self.gate['kind']} gate and cannot also list actions")
             for key in by_key:
-                if acts.get(key, "compute") == "compute" and not self._inside_read(key, acts, by_key):
+                if acts.get(key, "compute") in ("compute", "tokens") and not self._inside_read(key, acts, by_key):
                     computed[key] += 1
 
     @staticmethod
@@ -140,7 +155,7 @@ class Plan:
         return False
 
     def _inside_read(self, key, acts, by_key) -> bool:
-        return any(a != "compute" and self._contains(by_key[k], by_key[key]) for k, a in acts.items())
+        return any(a not in ("compute", "tokens") and self._contains(by_key[k], by_key[key]) for k, a in acts.items())
 
     def _check_overlap(self, step, acts, by_key) -> None:
         for k, a in acts.items():

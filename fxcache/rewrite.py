@@ -17,6 +17,7 @@ from fxcache.analysis.flops import node_flops
 from fxcache.analysis.points import CachePoint
 from fxcache.ir import copy_graph_module, info
 from fxcache.passes import (
+    ComputeTokenSubset,
     EliminateDeadCode,
     FlattenIO,
     KeepOnlyCut,
@@ -40,6 +41,9 @@ class Variant:
     #: from the cut tensors; ``""``: the whole step
     part: str = ""
     cut: tuple[str, ...] = ()
+    #: token-masked layer points (ToCa / DuCa) and how many fresh tokens they compute
+    tokens: tuple[str, ...] = ()
+    num_tokens: tuple[tuple[int, int], ...] = ()  # (token count N, fresh tokens k) per group
 
     @property
     def name(self) -> str:
@@ -47,19 +51,26 @@ class Variant:
             return f"gate-prefix+write[{len(self.writes)}]"
         if self.part == "suffix":
             return "suffix:" + Variant(self.writes, self.reads).name
-        if not self.reads:
-            return "full" if not self.writes else f"full+write[{len(self.writes)}]"
-        orders = sorted({o for _, o in self.reads})
-        return f"cached[{len(self.reads)} pts, order {'/'.join(map(str, orders))}]" + (
-            f"+write[{len(self.writes)}]" if self.writes else "")
+        parts = []
+        if self.reads:
+            orders = sorted({o for _, o in self.reads})
+            parts.append(f"cached[{len(self.reads)} pts, order {'/'.join(map(str, orders))}]")
+        if self.tokens:
+            fresh = "+".join(f"{k}/{n}" for n, k in self.num_tokens)
+            parts.append(f"tokens[{len(self.tokens)} pts, {fresh} fresh]")
+        if not parts:
+            parts.append("full")
+        writes = [w for w in self.writes if w not in self.tokens]
+        return "+".join(parts) + (f"+write[{len(writes)}]" if writes else "")
 
 
 def specialize(graph_module: torch.fx.GraphModule, points: Mapping[str, CachePoint],
                variant: Variant) -> torch.fx.GraphModule:
     """The step graph of ``variant`` built from the traced ``graph_module`` (which is left unchanged)."""
     gm = copy_graph_module(graph_module)
-    passes = [FlattenIO(), WriteToCache([points[k] for k in variant.writes]),
-              ReadFromCache([(points[k], order) for k, order in variant.reads])]
+    passes = [FlattenIO(), WriteToCache([points[k] for k in variant.writes if k not in variant.tokens]),
+              ReadFromCache([(points[k], order) for k, order in variant.reads]),
+              ComputeTokenSubset([points[k] for k in variant.tokens], variant.num_tokens)]
     if variant.part == "prefix":
         passes.append(KeepOnlyCut(variant.cut))
     elif variant.part == "suffix":

@@ -101,7 +101,10 @@ class OptimizedDenoiser(torch.nn.Module):
         graphs: dict[Variant, torch.fx.GraphModule] = {}
         for s in range(plan.num_steps):
             acts = plan.actions(s)
-            v = Variant(writes=tuple(plan.writes_at(s)), reads=tuple(sorted((k, ORDER[a]) for k, a in acts.items())))
+            token_points = tuple(sorted(k for k, a in acts.items() if a == "tokens"))
+            writes = tuple(sorted(set(plan.writes_at(s)) | set(token_points)))
+            v = Variant(writes=writes, reads=tuple(sorted((k, ORDER[a]) for k, a in acts.items() if a in ORDER)),
+                        tokens=token_points, num_tokens=self._num_tokens(plan, token_points))
             if v not in graphs:
                 graphs[v] = specialize(traced.graph_module, self._points, v)
             self._variant_of_step.append(v)
@@ -139,6 +142,7 @@ class OptimizedDenoiser(torch.nn.Module):
         self._cache: dict[int, dict[str, _Entry]] = {}
         self._gate_state: dict[int, dict] = {}
         self._cfg_state: dict = {}
+        self._token_state: dict = {}
         self._stats = self._new_stats()
 
     # -- state --------------------------------------------------------------------------------------------------
@@ -148,6 +152,7 @@ class OptimizedDenoiser(torch.nn.Module):
         self._cache = {}
         self._gate_state = {}
         self._cfg_state = {}
+        self._token_state = {}
         self._stats = self._new_stats()
 
     @staticmethod
@@ -183,6 +188,7 @@ class OptimizedDenoiser(torch.nn.Module):
             self._cache = {}
             self._gate_state = {}
             self._cfg_state = {}
+            self._token_state = {}
             self._stats = self._new_stats()
         if step >= self.plan.num_steps:
             raise InputError(f"this sampling run has more steps than the plan ({self.plan.num_steps}); "
@@ -200,7 +206,7 @@ class OptimizedDenoiser(torch.nn.Module):
         else:
             variant = self._variant_of_step[step]
             flat = self._run(variant, leaves, cache, step, branch, self.plan.actions(step))
-            self._count(branch, variant, cached=bool(variant.reads))
+            self._count(branch, variant, cached=bool(variant.reads or variant.tokens))
             io = self._graphs[variant].meta["fxcache_io"]
             n_out, spec = io["num_model_outputs"], io["out_spec"]
         if cfg:
@@ -264,19 +270,47 @@ class OptimizedDenoiser(torch.nn.Module):
                     named[f"cache:{point_key}[{i}].d{j}"] = factors[j]
         for key, value in zip(variant.cut, tail):
             named[f"cut:{key}"] = value
+        if variant.tokens:
+            for n, k in variant.num_tokens:
+                named[f"tokens:index:{n}"] = self._select_tokens(n, k, step, device)
+            for key in variant.tokens:
+                entry = cache.get(key)
+                if entry is None:
+                    raise PlanError(f"step {step} (branch {branch}) token-masks {key!r} before computing it once")
+                named[f"cache:{key}[0].d0"] = entry.factors[0][0]
         inputs = list(leaves) + [named[k] for k in io["inputs"][len(leaves):]]  # in the graph's own input order
         with torch.no_grad():
             flat = gm(*inputs)
-        io = gm.meta["fxcache_io"]
-        pos = io["num_model_outputs"] + io.get("num_cut_outputs", 0)
         if store:
+            produced = dict(zip(io["outputs"], flat))  # outputs by name: write:<point>[i]
             for point_key in variant.writes:
-                n = len(self._points[point_key].nodes)
-                values = list(flat[pos: pos + n])
-                pos += n
-                if self._points[point_key].kind != "signal":
-                    self._store(cache, point_key, values, step, keep)
+                if self._points[point_key].kind == "signal":
+                    continue
+                values = [produced[f"write:{point_key}[{i}]"] for i in range(len(self._points[point_key].nodes))]
+                self._store(cache, point_key, values, step, keep)
         return flat
+
+    def _num_tokens(self, plan: Plan, token_points) -> tuple[tuple[int, int], ...]:
+        counts = sorted({self._points[k].shapes[0][1] for k in token_points})
+        fresh = float(plan.tokens["fresh"]) if token_points else 0.0
+        return tuple((n, max(1, min(n, math.ceil(fresh * n)))) for n in counts)
+
+    def _select_tokens(self, n: int, k: int, step: int, device) -> torch.Tensor:
+        """The ``k`` fresh tokens of ``n`` at this step: the same for every CFG branch and layer (ToCa keeps CFG
+        halves aligned), deterministic per run. ``random`` (DuCa) draws them; ``staleness`` (ToCa's cache-frequency
+        score) takes the tokens computed longest ago, ties broken at random."""
+        st = self._token_state.setdefault(n, {})
+        if st.get("step") == step:
+            return st["index"].to(device)
+        gen = torch.Generator().manual_seed(int(self.plan.tokens.get("seed", 0)) * 1_000_003 + step * 131 + n)
+        noise = torch.rand(n, generator=gen)
+        last = st.get("last", torch.zeros(n))
+        score = (step - last) + 0.5 * noise if self.plan.tokens.get("score") == "staleness" else noise
+        index = torch.topk(score, k).indices.sort().values
+        last = last.clone()
+        last[index] = float(step)
+        st.update(step=step, index=index, last=last)
+        return index.to(device)
 
     def _gated_step(self, leaves, cache, step, branch, may_skip: bool):
         """Prefix → gate decision (one host sync) → the planned step, the skip actions, or — when the samples of a

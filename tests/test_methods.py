@@ -274,6 +274,9 @@ def test_golden_dit_variants():
     cached = specialize(traced.graph_module, pts, Variant(reads=tuple((k, 2) for k in layers)))
     check_golden("dit.variant_full_write.graph.txt", dump(full))
     check_golden("dit.variant_taylor2.graph.txt", dump(cached))
+    ffs = tuple(k for k in layers if k.endswith(".ff"))
+    tokens = specialize(traced.graph_module, pts, Variant(writes=ffs, tokens=ffs, num_tokens=((16, 4),)))
+    check_golden("dit.variant_tokens.graph.txt", dump(tokens))
     # the cached variant runs no attention and no MLP matmuls of the blocks
     ops = [str(n.target) for n in cached.graph.nodes]
     assert "aten.scaled_dot_product_attention.default" not in ops
@@ -795,3 +798,108 @@ def test_fastercache_cfg_cache_matches_its_eager_formula():
     with pytest.raises(fxcache.InputError, match="two calls per step"):
         fxcache.optimize(model, [1], sampler=zoo_sampler("unet2d_condition", steps=6), method=FasterCache(),
                          progress=False)
+
+
+# -- token-level methods ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["ToCa", "DuCa"])
+def test_token_methods_match_their_eager_formula(name):
+    from fxcache.methods import DuCa, ToCa
+
+    model, smp = dit(), sampler("euler", steps=STEPS, cfg="separate")
+    method = ToCa(interval=3, ratio=0.75) if name == "ToCa" else DuCa(interval=5, ratio=0.75)
+    opt = fxcache.optimize(model, [3], sampler=smp, method=method, progress=False)
+    used = {}  # the fresh tokens the runtime chose per step (the selection rule is tested separately)
+    select = opt._select_tokens
+
+    def spy(n, k, step, device):
+        used[step] = select(n, k, step, device)
+        return used[step]
+
+    opt._select_tokens = spy
+    got = _run(opt, smp, 3)
+    plan = opt.plan
+    kinds = {s: ("full" if not plan.actions(s) else "aggressive" if "stack:transformer_blocks" in plan.actions(s)
+                 else "partial") for s in range(STEPS)}
+    if name == "ToCa":
+        assert [s for s in range(STEPS) if kinds[s] == "full"] == [0, 3, 6, 9]
+    else:  # full, then conservative / aggressive alternating
+        assert [kinds[s] for s in range(6)] == ["full", "partial", "aggressive", "partial", "aggressive", "full"]
+    assert all(len(v) == 4 for v in used.values())  # 25 % of 16 tokens fresh
+
+    call = {"n": -1}
+    state = {}
+    handles = [model.register_forward_pre_hook(lambda m, a: call.__setitem__("n", call["n"] + 1))]
+
+    def step_branch():
+        return call["n"] // 2, call["n"] % 2
+
+    def attn_hook(i):
+        def hook(mod, args, out):
+            s, b = step_branch()
+            if kinds[s] == "aggressive":  # inside the skipped stack: not computed, cache untouched
+                return out
+            if kinds[s] == "partial":
+                return state[("attn", i, b)]
+            state[("attn", i, b)] = out
+            return out
+        return hook
+
+    def ff_hook(i):
+        def hook(mod, args, out):
+            s, b = step_branch()
+            if kinds[s] == "aggressive":
+                return out
+            if kinds[s] == "partial":
+                merged = state[("ff", i, b)].clone()
+                merged[:, used[s]] = out[:, used[s]]  # fresh tokens computed, the rest cached
+                out = merged
+            state[("ff", i, b)] = out
+            return out
+        return hook
+
+    blocks = model.transformer_blocks
+
+    def stack_in(mod, args, kwargs):
+        state["in", step_branch()[1]] = kwargs.get("hidden_states", args[0] if args else None)
+
+    def stack_out(mod, args, out):
+        s, b = step_branch()
+        if kinds[s] == "aggressive":
+            return state["in", b] + state[("stack", b)]
+        state[("stack", b)] = out - state["in", b]
+        return out
+
+    for i, blk in enumerate(blocks):
+        handles.append(blk.attn1.register_forward_hook(attn_hook(i)))
+        handles.append(blk.ff.register_forward_hook(ff_hook(i)))
+    handles.append(blocks[0].register_forward_pre_hook(stack_in, with_kwargs=True))
+    handles.append(blocks[-1].register_forward_hook(stack_out))
+    try:
+        want = _run(model, smp, 3)
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    assert opt.stats()["computed_fraction"] < 0.8
+
+
+def test_token_selection_rules():
+    from fxcache.methods import DuCa, ToCa
+
+    model, smp = dit(), sampler("euler", steps=STEPS, cfg="separate")
+    toca = fxcache.optimize(model, [3], sampler=smp, method=ToCa(interval=10, ratio=0.75), progress=False)
+    picks = [toca._select_tokens(16, 4, s, "cpu") for s in range(1, 5)]
+    # staleness: four steps of 4 fresh tokens each cover all 16 tokens exactly once
+    assert sorted(torch.cat(picks).tolist()) == list(range(16))
+    assert torch.equal(toca._select_tokens(16, 4, 4, "cpu"), picks[-1])  # same step (other branch): same tokens
+    duca = fxcache.optimize(model, [3], sampler=smp, method=DuCa(), progress=False)
+    a = duca._select_tokens(16, 4, 1, "cpu")
+    duca.reset()
+    assert torch.equal(duca._select_tokens(16, 4, 1, "cpu"), a)  # deterministic per run
+    # a layer that mixes tokens (attention) cannot be token-masked
+    from fxcache.passes.compute_token_subset import token_wise_violation
+
+    attn = toca.profile.point("layer:transformer_blocks.0.attn1")
+    assert "not token-wise" in token_wise_violation(toca.traced.graph_module, attn)

@@ -15,9 +15,26 @@ from fxcache.analysis.points import CachePoint
 from fxcache.errors import InputError
 from fxcache.plan import Plan
 
-__all__ = ["FORA", "PAB", "ABCache", "DBCache", "DeepCache", "DeltaDiT", "EasyCache", "FBCache", "FasterCache", "Full",
-           "HiCache",
-           "MagCache", "Method", "PlanContext", "TaylorSeer", "TeaCache"]
+__all__ = [
+    "FORA",
+    "PAB",
+    "ABCache",
+    "DBCache",
+    "DeepCache",
+    "DeltaDiT",
+    "DuCa",
+    "EasyCache",
+    "FBCache",
+    "FasterCache",
+    "Full",
+    "HiCache",
+    "MagCache",
+    "Method",
+    "PlanContext",
+    "TaylorSeer",
+    "TeaCache",
+    "ToCa",
+]
 
 
 @dataclasses.dataclass
@@ -488,4 +505,81 @@ class FasterCache(Method):
                                    self.weight if s >= self.hf_from * t else 1.0]
         plan = super().plan(ctx)
         plan.cfg_cache = {"refresh": refresh, "derive": derive, "radius": self.radius, "weights": weights}
+        return plan
+
+
+def _token_layers(ctx: PlanContext, method: str) -> tuple[list[CachePoint], list[CachePoint]]:
+    """(token-wise layers, other layers) of the profiled graph."""
+    from fxcache.passes.compute_token_subset import token_wise_violation
+
+    traced = getattr(ctx.profile, "traced", None)
+    if traced is None:
+        raise InputError(f"{method} inspects the profiled graph for token-wise layers; use fxcache.optimize")
+    layers = _layers(ctx, method)
+    wise = [p for p in layers if token_wise_violation(traced.graph_module, p) is None]
+    if not wise:
+        raise InputError(f"{method} needs token-wise layers (MLPs over (batch, tokens, features)); none found")
+    return wise, [p for p in layers if p not in wise]
+
+
+@dataclasses.dataclass(repr=False)
+class ToCa(Method):
+    """ToCa (arXiv 2410.05317): every ``interval`` steps a full step; in between, attention outputs are reused and
+    each token-wise layer (MLP) recomputes only ``1 − ratio`` of the tokens, taking the rest from its cache (the
+    DiT DDIM-50 setting puts the whole recompute budget on the MLPs). Tokens are chosen by ToCa's cache-frequency
+    score (computed longest ago first) with random tie-breaks; the attention-map scores need materialised attention
+    probabilities, which SDPA/FlashAttention do not give, so they are not used. Same tokens for every layer and CFG
+    branch."""
+
+    interval: int = 3
+    ratio: float = 0.9
+    seed: int = 0
+
+    def _check(self):
+        _check_interval(self.interval)
+        if not 0.0 <= self.ratio < 1.0:
+            raise InputError(f"ratio (the cached share of tokens) must be in [0, 1), got {self.ratio!r}")
+
+    def schedule(self, ctx):
+        self._check()
+        wise, others = _token_layers(ctx, type(self).__name__)
+        full = _full_steps(ctx.num_steps, self.interval, 1)
+        partial = {**{p.key: "reuse" for p in others}, **{p.key: "tokens" for p in wise}}
+        return [{} if f else dict(partial) for f in full]
+
+    def plan(self, ctx):
+        plan = super().plan(ctx)
+        plan.tokens = {"fresh": 1.0 - self.ratio, "score": "staleness", "seed": self.seed}
+        return plan
+
+
+@dataclasses.dataclass(repr=False)
+class DuCa(ToCa):
+    """DuCa (arXiv 2412.18911): after each full step the cached steps alternate *conservative* (ToCa-style: MLPs
+    recompute ``1 − ratio`` of the tokens chosen at random — FlashAttention-compatible — attention reused) and
+    *aggressive* (the whole block stack is skipped: its cached residual is added). Defaults: interval 5, 90 %
+    cached."""
+
+    interval: int = 5
+    ratio: float = 0.9
+    seed: int = 0
+
+    def schedule(self, ctx):
+        self._check()
+        wise, others = _token_layers(ctx, "DuCa")
+        stacks = ctx.of_kind("stack") or [p for p in ctx.of_kind("block") if p.residual]
+        conservative = {**{p.key: "reuse" for p in others}, **{p.key: "tokens" for p in wise}}
+        out, since = [], 0
+        for f in _full_steps(ctx.num_steps, self.interval, 1):
+            if f:
+                out.append({})
+                since = 0
+                continue
+            since += 1
+            out.append(dict(conservative) if since % 2 == 1 else {p.key: "reuse" for p in stacks})
+        return out
+
+    def plan(self, ctx):
+        plan = Method.plan(self, ctx)
+        plan.tokens = {"fresh": 1.0 - self.ratio, "score": "random", "seed": self.seed}
         return plan

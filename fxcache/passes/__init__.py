@@ -2,6 +2,7 @@
 
 from fxcache.passes.annotate_nodes import AnnotateNodes
 from fxcache.passes.base import FxPass, PassResult, run_passes
+from fxcache.passes.compute_token_subset import ComputeTokenSubset
 from fxcache.passes.eliminate_dead_code import EliminateDeadCode
 from fxcache.passes.flatten_io import FlattenIO
 from fxcache.passes.insert_probes import InsertProbes
@@ -9,5 +10,5 @@ from fxcache.passes.read_cache import ReadFromCache
 from fxcache.passes.split_at_cut import KeepOnlyCut, ResumeFromCut, prefix_cut
 from fxcache.passes.write_cache import WriteToCache
 
-__all__ = ["AnnotateNodes", "EliminateDeadCode", "FlattenIO", "FxPass", "InsertProbes", "KeepOnlyCut", "PassResult",
+__all__ = ["AnnotateNodes", "ComputeTokenSubset", "EliminateDeadCode", "FlattenIO", "FxPass", "InsertProbes", "KeepOnlyCut", "PassResult",
            "ReadFromCache", "ResumeFromCut", "WriteToCache", "prefix_cut", "run_passes"]

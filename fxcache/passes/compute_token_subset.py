@@ -1,0 +1,129 @@
+"""compute_token_subset: run token-wise sub-layers on a subset of tokens, the rest from the cache (ToCa / DuCa).
+
+For each layer point whose ops are token-wise (linear layers, activations, element-wise ops over the feature
+dim — an MLP), its inputs of shape (B, N, …) are gathered at the graph input ``tokens:index`` (int64, k tokens),
+the layer runs on (B, k, …), and its output is scattered into the cached value: ``index_copy(cache, 1, index,
+fresh)``. Layers with another token count (a dual-stream model's text tokens) use ``tokens:index:<N>``. That merged
+tensor replaces the layer's output and is written back as the point's new cache value
+(output ``write:<point>[0]``). Attention mixes tokens and is never token-masked here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.fx
+
+from fxcache.analysis.points import CachePoint
+from fxcache.errors import IRError
+from fxcache.ir.meta import NodeInfo, info, key_of, op_name, set_info
+from fxcache.passes.base import FxPass, PassResult
+
+__all__ = ["TOKEN_WISE_PREFIXES", "ComputeTokenSubset", "layer_nodes", "token_wise_violation"]
+
+#: ops that act on each token independently (over the last, feature dim)
+TOKEN_WISE_PREFIXES = (
+    "aten.linear", "aten.gelu", "aten.silu", "aten.relu", "aten.tanh", "aten.sigmoid", "aten.mul.", "aten.add.",
+    "aten.sub.", "aten.div.", "aten.dropout", "aten.to.", "aten._to_copy", "aten.pow", "aten.neg", "aten.clone",
+    "aten.type_as", "aten.alias", "aten.detach", "aten._assert_tensor_metadata",
+)
+_aten = torch.ops.aten
+
+
+def layer_nodes(gm: torch.fx.GraphModule, point: CachePoint) -> list[torch.fx.Node]:
+    prefix = point.key[len("layer:"):]
+    return [n for n in gm.graph.nodes if n.op == "call_function"
+            and (info(n).module_path == prefix or info(n).module_path.startswith(prefix + "."))]
+
+
+def token_wise_violation(gm: torch.fx.GraphModule, point: CachePoint) -> str | None:
+    """Why ``point`` cannot be token-masked (``None`` when it can)."""
+    if point.kind != "layer" or len(point.nodes) != 1 or len(point.shapes[0]) != 3:
+        return "only single-tensor layer points shaped (batch, tokens, features) can be token-masked"
+    nodes = layer_nodes(gm, point)
+    if not nodes:
+        return "no ops under its module"
+    for n in nodes:
+        if not op_name(n).startswith(TOKEN_WISE_PREFIXES):
+            return f"{op_name(n)} in {info(n).module_path} is not token-wise"
+    return None
+
+
+class ComputeTokenSubset(FxPass):
+    """Token-mask each point of ``points`` with ``num_tokens`` fresh tokens (see the module docstring)."""
+
+    name = "compute_token_subset"
+
+    def __init__(self, points: Sequence[CachePoint], num_tokens: Sequence[tuple[int, int]]):
+        super().__init__()
+        self.points = list(points)
+        self.k = dict(num_tokens)  # token count N -> fresh tokens k
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        if not self.points:
+            return PassResult(graph_module, False)
+        graph = graph_module.graph
+        io = graph_module.meta["fxcache_io"]
+        by_key = {key_of(n): n for n in graph.nodes}
+        last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
+
+        def new_input(key, val):
+            nonlocal last_input
+            with graph.inserting_after(last_input):
+                node = graph.placeholder(f"in_{len(io['inputs'])}")
+            node.meta["val"] = val
+            set_info(node, NodeInfo(key=key, module_path="", role="cache"))
+            io["inputs"].append(key)
+            last_input = node
+            return node
+
+        indices = {n: new_input(f"tokens:index:{n}", torch.empty(k, dtype=torch.long, device="meta"))
+                   for n, k in sorted(self.k.items())}
+        output = next(n for n in graph.nodes if n.op == "output")
+        outputs = list(output.args[0])
+        for p in self.points:
+            why = token_wise_violation(graph_module, p)
+            if why is not None:
+                raise IRError(f"cannot token-mask {p.key!r}: {why}")
+            region = layer_nodes(graph_module, p)
+            inside = set(region)
+            value = by_key[p.nodes[0]]
+            if value not in inside:
+                raise IRError(f"cannot token-mask {p.key!r}: its value is not computed inside the layer")
+            n_tokens = p.shapes[0][1]
+            index, k = indices[n_tokens], self.k[n_tokens]
+            outside_inputs = []
+            for n in region:
+                for a in n.all_input_nodes:
+                    v = a.meta.get("val")
+                    if a not in inside and a.op != "get_attr" and isinstance(v, torch.Tensor) and v.dim() >= 2 \
+                            and v.shape[1] == n_tokens and a not in outside_inputs:
+                        outside_inputs.append(a)
+            for a in outside_inputs:
+                with graph.inserting_before(region[0]):
+                    sel = graph.call_function(_aten.index_select.default, (a, 1, index))
+                sel.meta["val"] = _with_tokens(a.meta["val"], k)
+                set_info(sel, NodeInfo(key=f"tokens:{p.key}/select:{key_of(a)}", module_path=info(region[0]).module_path))
+                a.replace_all_uses_with(sel, delete_user_cb=lambda u, inside=inside: u in inside)
+            for n in region:  # shapes inside the layer now have k tokens
+                v = n.meta.get("val")
+                if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == n_tokens:
+                    n.meta["val"] = _with_tokens(v, k)
+            cached = new_input(f"cache:{p.key}[0].d0", torch.empty(p.shapes[0], dtype=value.meta["val"].dtype,
+                                                                    device="meta"))
+            with graph.inserting_after(value):
+                merged = graph.call_function(_aten.index_copy.default, (cached, 1, index, value))
+            merged.meta["val"] = cached.meta["val"]
+            set_info(merged, NodeInfo(key=f"tokens:{p.key}/merge", module_path=info(value).module_path))
+            value.replace_all_uses_with(merged, delete_user_cb=lambda u, merged=merged: u is not merged)
+            outputs.append(merged)
+            io["outputs"].append(f"write:{p.key}[0]")
+        output.args = (tuple(outputs),)
+        return PassResult(graph_module, True)
+
+
+def _with_tokens(v: torch.Tensor, k: int) -> torch.Tensor:
+    shape = list(v.shape)
+    shape[1] = k
+    return torch.empty(shape, dtype=v.dtype, device="meta")
