@@ -24,13 +24,40 @@ from typing import Any
 from fxcache.analysis.points import CachePoint
 from fxcache.errors import InputError
 
-__all__ = ["ACTIONS", "ORDER", "Plan", "PlanError"]
+__all__ = ["ACTIONS", "LINEAR_PREFIX", "ORDER", "Plan", "PlanError", "is_forecast", "order_of"]
 
 FORMAT_VERSION = 1
 #: forecast order of each action (0 = the stored value itself)
 ORDER = {"reuse": 0, "taylor1": 1, "ab2": 1, "taylor2": 2, "hermite": 2}
 #: ``"tokens"``: a token-wise layer computes only some tokens (``Plan.tokens`` says how many), the rest cached
 ACTIONS = ("compute", *ORDER, "tokens")
+#: ``"lin:<w>"``: F_last + w·(F_last − F_previous) — linear extrapolation from the last two computations with an
+#: explicit weight (FasterCache's attention reuse)
+LINEAR_PREFIX = "lin:"
+
+
+def is_forecast(action: str) -> bool:
+    """Is ``action`` read from the cache (reuse or a forecast)?"""
+    return action in ORDER or action.startswith(LINEAR_PREFIX)
+
+
+def order_of(action: str) -> int:
+    """How many finite-difference factors the action reads beyond the stored value."""
+    if action.startswith(LINEAR_PREFIX):
+        return 1
+    return ORDER[action]
+
+
+def _valid(action: str) -> bool:
+    if action in ACTIONS:
+        return True
+    if action.startswith(LINEAR_PREFIX):
+        try:
+            float(action[len(LINEAR_PREFIX):])
+            return True
+        except ValueError:
+            return False
+    return False
 
 
 class PlanError(InputError):
@@ -76,11 +103,11 @@ class Plan:
         return static | set(self.gate["skip"]) if self.gate else static
 
     def max_order(self, key: str) -> int:
-        acts = [a for s in self.steps for k, a in s.items() if k == key and a in ORDER]
+        acts = [a for s in self.steps for k, a in s.items() if k == key and is_forecast(a)]
         acts += ["reuse" for s in self.steps for k, a in s.items() if k == key and a == "tokens"]
         if self.gate:
             acts += [a for k, a in self.gate["skip"].items() if k == key]
-        return max((ORDER[a] for a in acts), default=0)
+        return max((order_of(a) for a in acts), default=0)
 
     def gated(self, step: int) -> bool:
         return bool(self.gate) and step in self.gate["steps"]
@@ -124,10 +151,10 @@ class Plan:
                 if key not in by_key:
                     near = ", ".join(sorted(by_key)[:8])
                     raise PlanError(f"step {s}: unknown cache point {key!r}; this model's points include: {near} ...")
-                if action not in ACTIONS:
+                if not _valid(action):
                     raise PlanError(f"step {s}: unknown action {action!r} for {key!r}; actions are "
                                     f"{', '.join(ACTIONS)}")
-                need = 1 if action == "tokens" else ORDER.get(action, -1) + 1
+                need = 1 if action == "tokens" else order_of(action) + 1 if is_forecast(action) else 0
                 if action == "tokens" and not self.tokens:
                     raise PlanError(f"step {s}: 'tokens' action on {key!r} but the plan has no token settings")
                 if action != "compute" and computed[key] < need:

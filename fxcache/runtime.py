@@ -19,7 +19,7 @@ from fxcache import _compat
 from fxcache.analysis.points import CachePoint
 from fxcache.errors import InputError
 from fxcache.passes import prefix_cut
-from fxcache.plan import ORDER, Plan, PlanError
+from fxcache.plan import LINEAR_PREFIX, ORDER, Plan, PlanError, is_forecast, order_of
 from fxcache.predictors import HERMITE_SIGMA, _hermite_scaled
 from fxcache.rewrite import Variant, block_flops, specialize
 from fxcache.trace import TracedDenoiser, _Signature
@@ -29,11 +29,14 @@ log = logging.getLogger(__name__)
 __all__ = ["OptimizedDenoiser", "StepTracker", "forecast_coefficients"]
 
 
-def forecast_coefficients(action: str, k: float) -> list[float]:
+def forecast_coefficients(action: str, k: float, d: float = 1.0) -> list[float]:
     """``[c1, .., cm]`` such that the forecast is ``D0 + c1·D1 + … + cm·Dm`` with TaylorSeer's factors (Dʲ divided
-    by the step distances between computations) for a target ``k`` steps after the last computation."""
+    by the step distances between computations) for a target ``k`` steps after the last computation; ``d`` is the
+    distance between the last two computations."""
     if action == "reuse":
         return []
+    if action.startswith(LINEAR_PREFIX):
+        return [float(action[len(LINEAR_PREFIX):]) * d]
     if action in ("taylor1", "taylor2"):
         return [k ** j / math.factorial(j) for j in range(1, ORDER[action] + 1)]
     if action == "ab2":
@@ -103,7 +106,7 @@ class OptimizedDenoiser(torch.nn.Module):
             acts = plan.actions(s)
             token_points = tuple(sorted(k for k, a in acts.items() if a == "tokens"))
             writes = tuple(sorted(set(plan.writes_at(s)) | set(token_points)))
-            v = Variant(writes=writes, reads=tuple(sorted((k, ORDER[a]) for k, a in acts.items() if a in ORDER)),
+            v = Variant(writes=writes, reads=tuple(sorted((k, order_of(a)) for k, a in acts.items() if is_forecast(a))),
                         tokens=token_points, num_tokens=self._num_tokens(plan, token_points))
             if v not in graphs:
                 graphs[v] = specialize(traced.graph_module, self._points, v)
@@ -262,7 +265,8 @@ class OptimizedDenoiser(torch.nn.Module):
             if entry is None or len(entry.steps) < order + 1:
                 raise PlanError(f"step {step} (branch {branch}) reads {point_key!r} but this run has not computed it "
                                 f"{order + 1} time(s) yet — was the run started mid-way? call .reset()")
-            coefs = forecast_coefficients(acts[point_key], step - entry.steps[-1])
+            d = entry.steps[-1] - entry.steps[-2] if len(entry.steps) > 1 else 1
+            coefs = forecast_coefficients(acts[point_key], step - entry.steps[-1], d)
             for j, c in enumerate(coefs, start=1):
                 named[f"coef:{point_key}.c{j}"] = torch.tensor(c, dtype=torch.float32, device=device)
             for i, factors in enumerate(entry.factors):

@@ -761,7 +761,7 @@ def test_fastercache_cfg_cache_matches_its_eager_formula():
     model = zoo.build("unet2d_condition")[0]
     steps = 15
     smp = zoo_sampler("unet2d_condition", kind="euler", steps=steps, cfg="separate")
-    opt = fxcache.optimize(model, [1], sampler=smp, method=FasterCache(), progress=False)
+    opt = fxcache.optimize(model, [1], sampler=smp, method=FasterCache(attention=False), progress=False)
     cfg = opt.plan.cfg_cache
     assert cfg["refresh"] == [5, 10] and cfg["derive"] == [6, 7, 8, 9, 11, 12, 13, 14]
     got = _run(opt, smp, 1)
@@ -796,8 +796,32 @@ def test_fastercache_cfg_cache_matches_its_eager_formula():
     assert not torch.allclose(got, _run(model, smp, 1), atol=1e-4)
     assert opt.stats()["computed_fraction"] == pytest.approx(1 - 8 / 30)  # 8 of 30 calls derived
     with pytest.raises(fxcache.InputError, match="two calls per step"):
-        fxcache.optimize(model, [1], sampler=zoo_sampler("unet2d_condition", steps=6), method=FasterCache(),
-                         progress=False)
+        fxcache.optimize(model, [1], sampler=zoo_sampler("unet2d_condition", steps=6),
+                         method=FasterCache(attention=False), progress=False)
+    with pytest.raises(fxcache.InputError, match="no attention layer cache point"):
+        fxcache.optimize(model, [1], sampler=smp, method=FasterCache(), progress=False)
+
+
+def test_fastercache_attention_reuse_matches_its_eager_formula():
+    from fxcache.methods import FasterCache
+
+    steps = 30
+    model, smp = dit(), sampler("euler", steps=steps, cfg="separate")
+    opt = fxcache.optimize(model, [3], sampler=smp, method=FasterCache(cfg=False), progress=False)
+    extrapolated = {s for s in range(steps) if opt.plan.actions(s)}
+    assert extrapolated == set(range(8, 30, 2))  # from step 7 of 30, even steps
+
+    def coefs_with_d(s, computed, k):
+        # A = A1 + w(s) (A1 - A2) = D0 + w(s) d D1, with d the distance of the last two computations: 1 at step 8
+        # (steps 6 and 7 computed), 2 afterwards (odd steps only)
+        if s not in extrapolated:
+            return None
+        d = 1 if s == 8 else 2
+        return [0.9 * (s - 7) / 20 * d]
+
+    mods = {f"{i}": b.attn1 for i, b in enumerate(model.transformer_blocks)}
+    ref = ModuleReference(model, mods, coefs_with_d, order=1, calls_per_step=2)
+    _compare(opt, model, smp, ref)
 
 
 # -- token-level methods ---------------------------------------------------------------------------------------

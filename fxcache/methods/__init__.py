@@ -464,15 +464,22 @@ class EasyCache(Method):
 
 @dataclasses.dataclass(repr=False)
 class FasterCache(Method):
-    """FasterCache's CFG-Cache (arXiv 2410.19355): from ``start`` (fraction of the steps) on, the unconditional
-    branch is computed only every ``interval``-th step; there the branch difference is stored split by a centred
-    2-D FFT into a low-frequency disc (radius ``radius``·min(H, W)) and the rest. At the other steps only the
-    conditional call runs and the unconditional output is ``iFFT(F(v_cond) + w_lf·Δ_LF + w_hf·Δ_HF)``, where
-    ``w_hf`` is multiplied by ``weight`` at each such step after ``hf_from`` and ``w_lf`` while before
-    ``lf_until`` (the paper's progressive reweighting; defaults from its 30-step Open-Sora script: start at step 10,
-    interval 5, ×1.15 after step 20 / until step 25). Needs CFG in two calls and a spatial (…, H, W) output. The
-    attention-reuse half of FasterCache is not part of this method."""
+    """FasterCache (arXiv 2410.19355), both halves (defaults from its 30-step Open-Sora script, scaled to the step
+    count):
 
+    * attention reuse (``attention``): from ``attention_start`` (fraction of the steps; step 7 of 30) every
+      attention output is computed on odd steps only; on even steps it is extrapolated linearly from its last two
+      computations, A ≈ A₁ + w(s)·(A₁ − A₂), w(s) = 0.9·(s − start)/(T − start − 3) (w = 0.9·(s − 7)/20 at 30);
+    * CFG-Cache (``cfg``): from ``start`` (step 10 of 30) the unconditional branch runs only every ``interval``-th
+      step; there the branch difference is stored split by a centred 2-D FFT into a low-frequency disc (radius
+      ``radius``·min(H, W)) and the rest; at the other steps only the conditional call runs and the unconditional
+      output is ``iFFT(F(v_cond) + w_lf·Δ_LF + w_hf·Δ_HF)``, ``w_hf`` multiplied by ``weight`` at each such step
+      from ``hf_from`` on and ``w_lf`` until ``lf_until``. Needs CFG in two calls and a spatial (…, H, W) output.
+    """
+
+    attention: bool = True
+    cfg: bool = True
+    attention_start: float = 7 / 30
     start: float = 1 / 3
     interval: int = 5
     radius: float = 0.2
@@ -481,18 +488,45 @@ class FasterCache(Method):
     lf_until: float = 5 / 6
 
     def schedule(self, ctx):
-        return [{} for _ in range(ctx.num_steps)]
+        t = ctx.num_steps
+        if not self.attention:
+            return [{} for _ in range(t)]
+        from fxcache.analysis.points import attention_kind
+
+        traced = getattr(ctx.profile, "traced", None)
+        if traced is None:
+            raise InputError("FasterCache finds attention layers on the profiled graph; use fxcache.optimize")
+        attn = [p for p in ctx.of_kind("layer") if attention_kind(traced.graph_module, p) is not None]
+        if not attn:
+            raise InputError("FasterCache's attention reuse found no attention layer cache point (a U-Net's "
+                             "attention sits inside a transformer branch); pass attention=False")
+        first = max(2, round(self.attention_start * t))
+        span = max(1, t - first - 3)
+        out = []
+        for s in range(t):
+            if s >= first and s % 2 == 0:
+                w = 0.9 * (s - first) / span
+                out.append({p.key: f"lin:{w:.6g}" for p in attn})
+            else:
+                out.append({})
+        return out
 
     def plan(self, ctx):
+        if not (self.attention or self.cfg):
+            raise InputError("FasterCache with attention=False and cfg=False caches nothing")
+        plan = super().plan(ctx)
+        if not self.cfg:
+            return plan
         _check_interval(self.interval)
         prof = ctx.profile
         if prof is None or prof.cfg != "separate":
             raise InputError("FasterCache's CFG cache needs classifier-free guidance done in two calls per step "
-                             f"(profiled: {getattr(prof, 'cfg', 'unknown')})")
+                             f"(profiled: {getattr(prof, 'cfg', 'unknown')}); pass cfg=False to use only the "
+                             "attention reuse")
         out = next((p for p in prof.signal_points if p.key == "signal:output"), None)
         if out is None or len(out.shapes[0]) not in (4, 5):
             raise InputError("FasterCache's CFG cache splits frequencies over (H, W): the model output must be "
-                             "(B, C, H, W) or (B, C, F, H, W)")
+                             "(B, C, H, W) or (B, C, F, H, W); pass cfg=False")
         t = ctx.num_steps
         first = max(1, round(self.start * t))
         refresh, derive, weights = [], [], {}
@@ -503,7 +537,6 @@ class FasterCache(Method):
                 derive.append(s)
                 weights[str(s)] = [self.weight if s <= self.lf_until * t else 1.0,
                                    self.weight if s >= self.hf_from * t else 1.0]
-        plan = super().plan(ctx)
         plan.cfg_cache = {"refresh": refresh, "derive": derive, "radius": self.radius, "weights": weights}
         return plan
 
