@@ -82,6 +82,9 @@ class Plan:
     #: unconditional output is derived from the conditional one], "radius": low-frequency disc radius as a fraction
     #: of min(H, W), "weights": {step: [w_lf, w_hf]} multiplicative reweighting at each derived step}``
     cfg_cache: dict[str, Any] | None = None
+    #: layer-adaptive block reuse (Foresight): ``{"blocks": [output point keys in order], "warmup": int,
+    #: "recalculate": int, "gamma": float}``; the runtime picks the reused block per step from measured changes
+    layer_adaptive: dict[str, Any] | None = None
     #: token selection for ``"tokens"`` actions
     tokens: dict[str, Any] | None = None
     #: points a method defined beyond the profile's (a block range, the whole model), as CachePoint fields

@@ -146,6 +146,7 @@ class OptimizedDenoiser(torch.nn.Module):
         self._gate_state: dict[int, dict] = {}
         self._cfg_state: dict = {}
         self._token_state: dict = {}
+        self._la_state: dict = {}
         self._stats = self._new_stats()
 
     # -- state --------------------------------------------------------------------------------------------------
@@ -156,6 +157,7 @@ class OptimizedDenoiser(torch.nn.Module):
         self._gate_state = {}
         self._cfg_state = {}
         self._token_state = {}
+        self._la_state = {}
         self._stats = self._new_stats()
 
     @staticmethod
@@ -192,6 +194,7 @@ class OptimizedDenoiser(torch.nn.Module):
             self._gate_state = {}
             self._cfg_state = {}
             self._token_state = {}
+            self._la_state = {}
             self._stats = self._new_stats()
         if step >= self.plan.num_steps:
             raise InputError(f"this sampling run has more steps than the plan ({self.plan.num_steps}); "
@@ -202,7 +205,9 @@ class OptimizedDenoiser(torch.nn.Module):
             flat, n_out, spec = self._derive_uncond(step)
             out = _compat.pytree.tree_unflatten(list(flat[:n_out]), spec) if spec is not None else flat[0]
             return out.to_tuple() if not want_dict and hasattr(out, "to_tuple") else out
-        if self._gate is not None and not self.plan.actions(step):
+        if self.plan.layer_adaptive:
+            flat, n_out, spec = self._layer_adaptive_step(leaves, cache, step, branch)
+        elif self._gate is not None and not self.plan.actions(step):
             # every step without static actions runs through the gate, so its signal history is complete; only
             # the plan's gated steps may skip
             flat, n_out, spec = self._gated_step(leaves, cache, step, branch, may_skip=self.plan.gated(step))
@@ -315,6 +320,43 @@ class OptimizedDenoiser(torch.nn.Module):
         last[index] = float(step)
         st.update(step=step, index=index, last=last)
         return index.to(device)
+
+    # -- layer-adaptive reuse (Foresight) ---------------------------------------------------------------------
+    def _layer_adaptive_step(self, leaves, cache, step, branch):
+        """Full steps during warm-up and every ``recalculate`` steps; otherwise reuse the cached output of the
+        deepest block whose change (MSE vs its cached output, measured when last computed) is within its threshold,
+        and run only the blocks after it. Decided from state kept on the host: no extra sync beyond reading the
+        MSEs of the blocks that ran (one per step)."""
+        la = self.plan.layer_adaptive
+        outs, warmup, recalc = la["blocks"], int(la["warmup"]), int(la["recalculate"])
+        st = self._la_state.setdefault(branch, {"delta": {}, "lambda": {}})
+        reuse = -1
+        if step >= warmup and (step - warmup) % recalc != 0 and st["lambda"]:
+            ok = [i for i, k in enumerate(outs) if k in cache and st["delta"].get(k, float("inf")) <= st["lambda"][k]]
+            reuse = max(ok, default=-1)
+        variant = self._la_variant(reuse)
+        previous = {k: cache[k].factors[0][0] for k in outs[reuse + 1:] if k in cache}
+        flat = self._run(variant, leaves, cache, step, branch, {outs[reuse]: "reuse"} if reuse >= 0 else {})
+        self._count(branch, variant, cached=reuse >= 0)
+        mse = {}
+        for k in outs[reuse + 1:]:
+            if k in previous:
+                mse[k] = (cache[k].factors[0][0].float() - previous[k].float()).pow(2).mean()
+        values = dict(zip(mse, torch.stack(list(mse.values())).tolist())) if mse else {}
+        st["delta"].update(values)
+        if step == warmup - 1:  # thresholds from the last warm-up step's change
+            st["lambda"] = {k: float(la["gamma"]) * v for k, v in values.items()}
+        io = self._graphs[variant].meta["fxcache_io"]
+        return flat, io["num_model_outputs"], io["out_spec"]
+
+    def _la_variant(self, reuse: int) -> Variant:
+        outs = self.plan.layer_adaptive["blocks"]
+        v = Variant(writes=tuple(outs[reuse + 1:]), reads=((outs[reuse], 0),) if reuse >= 0 else ())
+        if v not in self._graphs:
+            self._graphs[v] = specialize(self.traced.graph_module, self._points, v)
+            self._flops[v] = block_flops(self._graphs[v])
+            self.variants[f"v{len(self.variants)}"] = self._graphs[v]
+        return v
 
     def _gated_step(self, leaves, cache, step, branch, may_skip: bool):
         """Prefix → gate decision (one host sync) → the planned step, the skip actions, or — when the samples of a

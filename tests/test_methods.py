@@ -927,3 +927,53 @@ def test_token_selection_rules():
 
     attn = toca.profile.point("layer:transformer_blocks.0.attn1")
     assert "not token-wise" in token_wise_violation(toca.traced.graph_module, attn)
+
+
+def test_foresight_matches_its_eager_formula():
+    from fxcache.methods import Foresight
+
+    steps, warmup, recalc, gamma = 16, 4, 2, 2.0
+    model, smp = dit(), sampler("euler", steps=steps, cfg="separate")
+    opt = fxcache.optimize(model, [3], sampler=smp, method=Foresight(warmup=warmup, recalculate=recalc, gamma=gamma),
+                           progress=False)
+    got = _run(opt, smp, 3)
+    n = len(model.transformer_blocks)
+    st = {"call": -1}
+    reused = []
+
+    def pre(mod, args):
+        st["call"] += 1
+        s, b = st["call"] // 2, st["call"] % 2
+        bs = st.setdefault(b, {"out": {}, "delta": {}, "lam": {}})
+        star = -1
+        if s >= warmup and (s - warmup) % recalc != 0 and bs["lam"]:
+            star = max((i for i in range(n) if bs["delta"].get(i, float("inf")) <= bs["lam"][i]), default=-1)
+        bs["star"], bs["step"] = star, s
+        if b == 0:
+            reused.append(star)
+
+    def block_hook(i):
+        def hook(mod, args, out):
+            bs = st[st["call"] % 2]
+            if i < bs["star"]:
+                return out  # skipped in fxcache; its value is overwritten downstream
+            if i == bs["star"]:
+                return bs["out"][i]
+            if i in bs["out"]:
+                bs["delta"][i] = (out - bs["out"][i]).pow(2).mean().item()
+            bs["out"][i] = out
+            if bs["step"] == warmup - 1:
+                bs["lam"][i] = gamma * bs["delta"][i]
+            return out
+        return hook
+
+    handles = [model.register_forward_pre_hook(pre)] + [
+        b.register_forward_hook(block_hook(i)) for i, b in enumerate(model.transformer_blocks)]
+    try:
+        want = _run(model, smp, 3)
+    finally:
+        for h in handles:
+            h.remove()
+    assert any(r >= 0 for r in reused)  # some steps reused a block prefix
+    assert opt.stats()["full_steps"] == sum(r < 0 for r in reused)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()

@@ -36,7 +36,7 @@ from fxcache.ir.meta import info, key_of, module_paths_of, op_name
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GRANULARITIES", "CachePoint", "attention_kind", "find_cache_points", "find_signals", "output_point",
+__all__ = ["GRANULARITIES", "CachePoint", "attention_kind", "block_output_points", "find_cache_points", "find_signals", "output_point",
            "range_point", "saved_flops", "total_flops"]
 
 GRANULARITIES = ("stack", "block", "layer")
@@ -371,6 +371,14 @@ def range_point(gm: torch.fx.GraphModule, structure: Structure, stack: str, star
     ins = [f.node(k) for k in first.stream_in]
     dep = set().union(*(f._stream_dependent(b) for b in st.blocks[start:stop]))
     return f._point(f"range:{stack}[{start}:{stop}]", "range", outs, f._pair(outs, ins, dep), stack, None)
+
+
+def block_output_points(gm: torch.fx.GraphModule, structure: Structure) -> list[CachePoint]:
+    """Per block, its output itself (``out:<block>``, not a residual): reading it from the cache skips the block and
+    every block before it (Foresight's prefix reuse)."""
+    f = _Finder(gm, structure)
+    return [f._point(f"out:{b.path}", "output", [f.node(k) for k in b.stream_out], [None] * len(b.stream_out),
+                     s.name, b.path) for s in structure.stacks for b in s.blocks]
 
 
 def output_point(gm: torch.fx.GraphModule, structure: Structure) -> CachePoint | None:

@@ -616,3 +616,40 @@ class DuCa(ToCa):
         plan = Method.plan(self, ctx)
         plan.tokens = {"fresh": 1.0 - self.ratio, "score": "random", "seed": self.seed}
         return plan
+
+
+@dataclasses.dataclass(repr=False)
+class Foresight(Method):
+    """Foresight (arXiv 2506.00329): ``warmup`` full steps; at the last one each block's threshold is
+    λ = ``gamma`` · MSE(its output, its output one step earlier). Afterwards every ``recalculate``-th step is full;
+    at the others the deepest block whose measured change δ (MSE of its output vs its cached output, updated
+    whenever it runs) is ≤ λ has its cached output reused and only the blocks after it run. Blocks of the model's
+    stacks in execution order (a DiT's single stack; Open-Sora's spatial/temporal blocks interleave in it).
+    Decided on the host from the MSEs of the blocks that ran (one sync per step); one decision per call (the whole
+    batch)."""
+
+    warmup: int = 8
+    recalculate: int = 2
+    gamma: float = 0.5
+
+    def schedule(self, ctx):
+        return [{} for _ in range(ctx.num_steps)]
+
+    def plan(self, ctx):
+        from fxcache.analysis.points import block_output_points
+
+        traced = getattr(ctx.profile, "traced", None)
+        if traced is None:
+            raise InputError("Foresight builds block-output points on the profiled graph; use fxcache.optimize")
+        _check_interval(self.recalculate)
+        if self.warmup < 2:
+            raise InputError("Foresight needs warmup >= 2 (thresholds come from the change between warm-up steps)")
+        outs = [p for p in block_output_points(traced.graph_module, traced.structure) if not any(
+            b.skip_out for s in traced.structure.stacks for b in s.blocks if b.path == p.block)]
+        if not outs:
+            raise InputError("Foresight needs blocks whose outputs only feed the next block")
+        plan = super().plan(ctx)
+        plan.extra_points = [dataclasses.asdict(p) for p in outs]
+        plan.layer_adaptive = {"blocks": [p.key for p in outs], "warmup": self.warmup,
+                               "recalculate": self.recalculate, "gamma": self.gamma}
+        return plan
