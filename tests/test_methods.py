@@ -977,3 +977,33 @@ def test_foresight_matches_its_eager_formula():
     assert any(r >= 0 for r in reused)  # some steps reused a block prefix
     assert opt.stats()["full_steps"] == sum(r < 0 for r in reused)
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("method_name", ["FORA", "DeltaDiT", "PAB", "TaylorSeer", "HiCache", "ABCache", "MagCache"])
+def test_computed_fraction_matches_the_schedule(method_name):
+    """Static methods: per step, the block FLOPs that run are the full block FLOPs minus what the step's reads make
+    dead — computed here from the graph by a liveness walk (fxcache.analysis.points.saved_flops), independently of
+    the rewrite's dead-code elimination."""
+    import fxcache.methods as M
+    from fxcache.analysis.points import saved_flops
+    from fxcache.ir import info
+
+    model, smp = dit(), sampler("euler", steps=STEPS, cfg="separate")
+    method = {"PAB": M.PAB(window=(0, 1001)), "MagCache": M.MagCache(threshold=1.0)}.get(method_name) or \
+        getattr(M, method_name)()
+    opt = fxcache.optimize(model, [3], sampler=smp, method=method, progress=False)
+    _run(opt, smp, 3)
+    gm = opt.traced.graph_module
+    by_key = {n.meta["fxcache"].key: n for n in gm.graph.nodes}
+    in_block = lambda n: info(n).block is not None  # noqa: E731
+    points = {p.key: p for p in opt.profile.cache_points}
+    full = opt._full_flops
+    executed = 0
+    for s in range(STEPS):
+        replaced = {}
+        for key in opt.plan.actions(s):
+            p = points[key]
+            replaced.update({by_key[n]: by_key[b] if b else None for n, b in zip(p.nodes, p.bases)})
+        executed += full - saved_flops(gm, replaced, count=in_block)
+    assert any(opt.plan.actions(s) for s in range(STEPS))
+    assert opt.stats()["computed_fraction"] == pytest.approx(executed / (STEPS * full), rel=1e-9)

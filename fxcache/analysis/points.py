@@ -98,9 +98,11 @@ def total_flops(gm: torch.fx.GraphModule) -> int:
     return sum(node_flops(n) for n in gm.graph.nodes)
 
 
-def saved_flops(gm: torch.fx.GraphModule, replaced: dict[torch.fx.Node, torch.fx.Node | None]) -> int:
+def saved_flops(gm: torch.fx.GraphModule, replaced: dict[torch.fx.Node, torch.fx.Node | None],
+                count=None) -> int:
     """FLOPs that no longer run when each node in ``replaced`` is read from a cache (plus its base, when the value
-    is a residual ``base + cached``): the ops whose results only fed the replaced nodes."""
+    is a residual ``base + cached``): the ops whose results only fed the replaced nodes. ``count(node)`` limits
+    which nodes are counted (default: all)."""
     nodes = list(gm.graph.nodes)
     output = nodes[-1]
     live: set[torch.fx.Node] = set()
@@ -115,7 +117,9 @@ def saved_flops(gm: torch.fx.GraphModule, replaced: dict[torch.fx.Node, torch.fx
             todo.extend([base] if base is not None else [])
         else:
             todo.extend(n.all_input_nodes)
-    return sum(node_flops(n) for n in nodes) - sum(node_flops(n) for n in live if n not in replaced)
+    counted = [n for n in nodes if count is None or count(n)]
+    return sum(node_flops(n) for n in counted) - sum(node_flops(n) for n in counted
+                                                     if n in live and n not in replaced)
 
 
 # ---------------------------------------------------------------------------------------------------------------
