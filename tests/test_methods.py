@@ -995,7 +995,7 @@ def test_computed_fraction_matches_the_schedule(method_name):
     _run(opt, smp, 3)
     gm = opt.traced.graph_module
     by_key = {n.meta["fxcache"].key: n for n in gm.graph.nodes}
-    in_block = lambda n: info(n).block is not None  # noqa: E731
+    in_block = lambda n: info(n).block is not None
     points = {p.key: p for p in opt.profile.cache_points}
     full = opt._full_flops
     executed = 0
