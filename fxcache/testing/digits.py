@@ -1,0 +1,110 @@
+"""The bundled reference model: a small FLUX-architecture transformer trained on scikit-learn's digits
+(``benchmarks/train_digits.py``), and a sampling loop for it. Prompts are class labels 0–9 (10 = empty prompt).
+
+    model = digits_model()                       # FluxTransformer2DModel with trained weights
+    sampler = digits_sampler(steps=20)           # sampler(denoiser, prompt) -> (B, 1, 8, 8) images in [-1, 1]
+    images = sampler(model, 7)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+__all__ = ["CONFIG", "TEXT_TOKENS", "WEIGHTS", "digits_model", "digits_sampler", "make_tables", "pack",
+           "position_ids", "unpack"]
+
+CONFIG = {
+    "patch_size": 1, "in_channels": 4, "num_layers": 2, "num_single_layers": 4, "attention_head_dim": 16,
+    "num_attention_heads": 4, "joint_attention_dim": 32, "pooled_projection_dim": 32, "guidance_embeds": False,
+    "axes_dims_rope": [4, 6, 6],
+}
+TEXT_TOKENS = 4
+EMPTY = 10
+WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "digits_flux.safetensors")
+
+
+def make_tables(seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed random 'text encoder' outputs per label (row 10, the empty prompt, is zeros)."""
+    gen = torch.Generator().manual_seed(seed)
+    text = torch.randn(11, TEXT_TOKENS, CONFIG["joint_attention_dim"], generator=gen)
+    pooled = torch.randn(11, CONFIG["pooled_projection_dim"], generator=gen)
+    text[EMPTY], pooled[EMPTY] = 0.0, 0.0
+    return text, pooled
+
+
+def pack(images: torch.Tensor) -> torch.Tensor:
+    """(B, 1, 8, 8) -> (B, 16, 4): 2×2 patches, as FLUX packs latents."""
+    b = images.shape[0]
+    return images.reshape(b, 1, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, 16, 4)
+
+
+def unpack(tokens: torch.Tensor) -> torch.Tensor:
+    b = tokens.shape[0]
+    return tokens.reshape(b, 4, 4, 1, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, 1, 8, 8)
+
+
+def position_ids() -> tuple[torch.Tensor, torch.Tensor]:
+    img = torch.zeros(4, 4, 3)
+    img[..., 1] = torch.arange(4)[:, None]
+    img[..., 2] = torch.arange(4)[None, :]
+    return img.reshape(16, 3), torch.zeros(TEXT_TOKENS, 3)
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not os.path.exists(WEIGHTS):
+        raise FileNotFoundError(f"{WEIGHTS} is missing: run python benchmarks/train_digits.py")
+    return load_file(WEIGHTS)
+
+
+def digits_model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The trained FluxTransformer2DModel (eval mode)."""
+    from diffusers import FluxTransformer2DModel
+
+    tensors = _load()
+    model = FluxTransformer2DModel(**CONFIG)
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    return model.eval().to(dtype)
+
+
+def digits_sampler(steps: int = 20, guidance: float = 2.0, cfg: str = "separate", batch: int = 1,
+                   shift: float = 1.0):
+    """Rectified-flow Euler over ``steps`` (σ 1 → 0), classifier-free guidance with the empty prompt (``cfg``:
+    ``"separate"`` two calls per step, ``"batched"`` one doubled call, ``"none"``). A prompt is a label 0–9, or
+    ``{"label": int, "seed": int}`` to fix the noise independently of torch's global generator."""
+    text_table, pooled_table = _load()["text_table"], _load()["pooled_table"]
+    img_ids, txt_ids = position_ids()
+
+    def call(denoiser, x, t, labels):
+        out = denoiser(hidden_states=x, encoder_hidden_states=text_table[labels],
+                       pooled_projections=pooled_table[labels], timestep=t, img_ids=img_ids, txt_ids=txt_ids)
+        return out[0] if isinstance(out, tuple) else out.sample
+
+    def sampler(denoiser, prompt):
+        label, seed = (prompt["label"], prompt.get("seed")) if isinstance(prompt, dict) else (int(prompt), None)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        x = torch.randn(batch, 16, 4, generator=gen)
+        cond = torch.full((batch,), label, dtype=torch.long)
+        empty = torch.full((batch,), EMPTY, dtype=torch.long)
+        sigmas = torch.linspace(1.0, 0.0, steps + 1)
+        sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+        for i in range(steps):
+            t = sigmas[i].expand(batch).clone()
+            if cfg == "none" or guidance == 1.0:
+                v = call(denoiser, x, t, cond)
+            elif cfg == "separate":
+                vc, vu = call(denoiser, x, t, cond), call(denoiser, x, t, empty)
+                v = vu + guidance * (vc - vu)
+            else:
+                both = call(denoiser, torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, empty]))
+                vc, vu = both.chunk(2)
+                v = vu + guidance * (vc - vu)
+            x = x + (sigmas[i + 1] - sigmas[i]) * v
+        return unpack(x)
+
+    return sampler
