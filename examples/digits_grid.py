@@ -9,7 +9,7 @@ import logging
 import torch
 
 import fxcache
-import fxcache.methods as methods
+from fxcache import methods
 from fxcache.testing.digits import digits_model, digits_sampler
 
 

@@ -14,14 +14,12 @@ pytest.importorskip("diffusers")
 
 @pytest.fixture(scope="module")
 def classifier():
-    sk = pytest.importorskip("sklearn")
+    pytest.importorskip("sklearn")
     from sklearn.datasets import load_digits
     from sklearn.linear_model import LogisticRegression
 
     data = load_digits()
-    clf = LogisticRegression(max_iter=2000).fit(data.images.reshape(-1, 64) / 16.0, data.target)
-    assert sk is not None
-    return clf
+    return LogisticRegression(max_iter=2000).fit(data.images.reshape(-1, 64) / 16.0, data.target)
 
 
 def _to_pixels(images: torch.Tensor) -> np.ndarray:
