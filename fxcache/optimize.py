@@ -1,11 +1,16 @@
-"""``fxcache.optimize``: profile on calibration prompts, build a plan with a method, return the optimized denoiser."""
+"""``fxcache.optimize``: profile on calibration prompts, then plan — with a given method, or by a calibrated search
+for a speed or error target — and return the optimized denoiser."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
+from fxcache.analysis.calibrate import _final_tensor
 from fxcache.analysis.profile import _DENOISER_ATTRS, _is_pipeline, profile
 from fxcache.errors import InputError
 from fxcache.methods import Method, PlanContext
@@ -15,26 +20,94 @@ log = logging.getLogger(__name__)
 
 __all__ = ["optimize"]
 
+BACKENDS = ("eager",)
 
-def optimize(model, calib_prompts: Sequence[Any], *, sampler=None, method: Method, progress: bool = True,
-             **call_kwargs):
+
+def optimize(model, calib_prompts: Sequence[Any], *, sampler=None, speedup: float | None = None,
+             tolerance: float | None = None, method: Method | str = "auto", backend: str = "eager",
+             progress: bool = True, seed: int = 0, **call_kwargs):
     """Calibrate ``model`` (a pipeline, or a denoiser with ``sampler``; see :func:`fxcache.profile`) on
-    ``calib_prompts``, plan with ``method`` (e.g. ``fxcache.methods.TaylorSeer(interval=4, order=2)``) and return
-    the :class:`~fxcache.runtime.OptimizedDenoiser` — for a pipeline, the pipeline with its denoiser replaced.
+    ``calib_prompts`` and return the :class:`~fxcache.runtime.OptimizedDenoiser` — for a pipeline, the pipeline
+    with its denoiser replaced.
+
+    * ``method="auto"`` (default) searches plans (:mod:`fxcache.search`): give exactly one of ``speedup=`` (e.g.
+      ``3.0``: computed fraction ≤ 1/3 within 5 %, least error) or ``tolerance=`` (relative L2 distance of the final
+      sample to the uncached one, mean over the calibration prompts: the fastest plan within it). The chosen plan
+      is validated by running it on the calibration prompts; ``.search_report()`` shows predicted vs measured. An
+      unreachable ``speedup`` raises :class:`~fxcache.InputError`; an unreachable ``tolerance`` returns the uncached
+      plan with a warning.
+    * ``method=<a fxcache.methods method>`` uses that method (no target arguments).
 
     The plan is made for the calibration calls' number of steps and input shapes; other shapes are refused."""
-    if not isinstance(method, Method):
-        raise InputError(f"method must be a fxcache.methods method (e.g. fxcache.methods.FORA()), got {method!r}")
-    prof = profile(model, calib_prompts, sampler=sampler, sensitivity=0, progress=progress, **call_kwargs)
-    ctx = PlanContext(fingerprint=prof.fingerprint, num_steps=prof.num_steps, points=prof.cache_points,
-                      timesteps=prof.timesteps, profile=prof)
-    plan = method.plan(ctx)
-    optimized = OptimizedDenoiser(prof.traced, plan, prof.cache_points + prof.signal_points)
+    if backend not in BACKENDS:
+        raise InputError(f"backend {backend!r} is not available yet; backends: {', '.join(BACKENDS)} "
+                         "(torch.compile / TensorRT backends are the compile stage)")
+    auto = isinstance(method, str)
+    if auto and method != "auto":
+        raise InputError(f"method must be 'auto' or a fxcache.methods method, got {method!r}")
+    if not auto and not isinstance(method, Method):
+        raise InputError(f"method must be 'auto' or a fxcache.methods method (e.g. fxcache.methods.FORA()), "
+                         f"got {method!r}")
+    if auto and (speedup is None) == (tolerance is None):
+        raise InputError("method='auto' needs exactly one target: speedup= (e.g. 3.0) or tolerance= (relative L2 "
+                         "of the final sample, e.g. 0.05)")
+    if not auto and (speedup is not None or tolerance is not None):
+        raise InputError(f"speedup=/tolerance= are targets for method='auto'; {method!r} has its own settings")
+    prof = profile(model, calib_prompts, sampler=sampler, sensitivity=8 if auto else 0, progress=progress, seed=seed,
+                   **call_kwargs)
+    points = prof.cache_points + prof.signal_points
+    report = None
+    if auto:
+        from fxcache.search import search
+
+        result = search(prof, _loop_runner(model, calib_prompts, sampler, call_kwargs, seed), len(calib_prompts),
+                        speedup=speedup, tolerance=tolerance)
+        optimized = result.best.denoiser
+        optimized.reset()
+        report = result
+        log.info("chose %s: computed fraction %.3f, measured rel. L2 %.4g (predicted %.4g)", result.best.name,
+                 result.best.fraction, result.best.measured, result.best.predicted)
+    else:
+        ctx = PlanContext(fingerprint=prof.fingerprint, num_steps=prof.num_steps, points=prof.cache_points,
+                          timesteps=prof.timesteps, profile=prof)
+        optimized = OptimizedDenoiser(prof.traced, method.plan(ctx), points)
     optimized.profile = prof
-    log.info("optimized %s with %s", prof.model_name, plan.summary())
+    optimized.search = report
+    log.info("optimized %s with %s", prof.model_name, optimized.plan.summary())
     if _is_pipeline(model):
         attr = next(a for a in _DENOISER_ATTRS if getattr(model, a, None) is prof.traced.model
                     or getattr(getattr(model, a, None), "traced", None) is prof.traced)
         setattr(model, attr, optimized)
         return model
     return optimized
+
+
+def _loop_runner(model, prompts, sampler, call_kwargs, seed):
+    """``run(denoiser, i)``: calibration prompt ``i`` through the user's loop with ``denoiser`` in place, seeded as
+    the profile was; returns the final sample."""
+    if _is_pipeline(model):
+        attr = next(a for a in _DENOISER_ATTRS if isinstance(getattr(model, a, None), torch.nn.Module))
+        params = inspect.signature(model.__call__).parameters
+
+        def run(denoiser, i):
+            prompt = prompts[i]
+            kwargs = dict(call_kwargs)
+            kwargs.update({"prompt": prompt} if isinstance(prompt, str) else dict(prompt))
+            if "output_type" in params and "output_type" not in kwargs:
+                kwargs["output_type"] = "latent"
+            installed = getattr(model, attr)
+            target = getattr(denoiser, "model", denoiser) if not isinstance(denoiser, OptimizedDenoiser) else denoiser
+            setattr(model, attr, target)
+            try:
+                torch.manual_seed(seed + i)
+                return _final_tensor(model(**kwargs), "the pipeline's result")
+            finally:
+                setattr(model, attr, installed)
+
+        return run
+
+    def run(denoiser, i):
+        torch.manual_seed(seed + i)
+        return _final_tensor(sampler(denoiser, prompts[i], **call_kwargs), "the sampler's result")
+
+    return run

@@ -90,7 +90,8 @@ class _Entry:
 class OptimizedDenoiser(torch.nn.Module):
     """Runs ``plan`` on a traced denoiser (see the module docstring). ``.stats()`` describes the last run."""
 
-    def __init__(self, traced: TracedDenoiser, plan: Plan, points: Sequence[CachePoint]):
+    def __init__(self, traced: TracedDenoiser, plan: Plan, points: Sequence[CachePoint],
+                 graph_cache: dict | None = None):
         super().__init__()
         if plan.fingerprint != traced.fingerprint:
             raise PlanError(f"plan was made for graph {plan.fingerprint}, this model's graph is {traced.fingerprint}: "
@@ -109,7 +110,7 @@ class OptimizedDenoiser(torch.nn.Module):
             v = Variant(writes=writes, reads=tuple(sorted((k, order_of(a)) for k, a in acts.items() if is_forecast(a))),
                         tokens=token_points, num_tokens=self._num_tokens(plan, token_points))
             if v not in graphs:
-                graphs[v] = specialize(traced.graph_module, self._points, v)
+                graphs[v] = self._specialize(v, graph_cache)
             self._variant_of_step.append(v)
         self._gate = None
         if plan.gate:
@@ -129,13 +130,13 @@ class OptimizedDenoiser(torch.nn.Module):
                                part="suffix", cut=cut)
                 for v in (prefix, compute, skip):
                     if v not in graphs:
-                        graphs[v] = specialize(traced.graph_module, self._points, v)
+                        graphs[v] = self._specialize(v, graph_cache)
                 self._gate_variants[s] = (prefix, compute, skip)
         self._graphs = graphs
         self.variants = torch.nn.ModuleDict({f"v{i}": g for i, g in enumerate(graphs.values())})
         self._flops = {v: block_flops(g) for v, g in graphs.items()}
         # the uncached baseline is the full graph after the same dead-code elimination the variants get
-        full = graphs.get(Variant()) or specialize(traced.graph_module, self._points, Variant())
+        full = graphs.get(Variant()) or self._specialize(Variant(), graph_cache)
         self._full_flops = block_flops(full)
         placeholders = [n for n in traced.graph_module.graph.nodes if n.op == "placeholder"]
         input_names = [n.meta["fxcache"].key[len("input:"):] for n in placeholders]
@@ -148,6 +149,15 @@ class OptimizedDenoiser(torch.nn.Module):
         self._token_state: dict = {}
         self._la_state: dict = {}
         self._stats = self._new_stats()
+
+    def _specialize(self, variant: Variant, graph_cache: dict | None):
+        """One step graph; ``graph_cache`` (shared by the plan search across candidate plans of one graph) reuses
+        graphs already made for the same variant. Step graphs hold no state, so sharing them is safe."""
+        if graph_cache is None:
+            return specialize(self.traced.graph_module, self._points, variant)
+        if variant not in graph_cache:
+            graph_cache[variant] = specialize(self.traced.graph_module, self._points, variant)
+        return graph_cache[variant]
 
     # -- state --------------------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -427,6 +437,11 @@ class OptimizedDenoiser(torch.nn.Module):
             if name.startswith("_") or "traced" not in self.__dict__.get("_modules", {}):
                 raise
             return getattr(self.traced.model, name)  # config, dtype, device, ... as pipelines expect
+
+    def search_report(self) -> str:
+        """The plan search's candidates, predicted vs measured error (``optimize(method="auto")`` only)."""
+        result = self.__dict__.get("search")
+        return result.report() if result is not None else "no search: the plan came from an explicit method"
 
     def extra_repr(self) -> str:
         return f"plan={self.plan.summary()}, variants={len(self._graphs)}"

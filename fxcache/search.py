@@ -1,0 +1,306 @@
+"""Calibrated plan search: meet a speed target at the least error (or an error target at the most speed).
+
+Stages, top to bottom:
+
+1. **candidates** — every static method of the library over its interval range, and *scheduled* plans that no
+   single method expresses: a granularity (sub-layers, blocks or stacks) × an action (reuse or a forecast) ×
+   a set of fully computed steps sized to the target and placed either uniformly or where the profile says
+   approximation hurts most (estimated sensitivity summed over the granularity's points).
+2. **exact cost** — each static candidate is specialised and its ``computed_fraction`` computed from its step
+   graphs' FLOPs (no run needed); candidates off the target (more than 5 % above it) are dropped.
+3. **predicted error** — from the profile: for every cached (point, step), the estimated final-sample change of
+   reusing it, scaled by the predictor's error relative to reuse at that distance; summed.
+4. **validation** — the best-predicted candidates (and every library method on target) are *run* on the
+   calibration prompts and compared with the uncached final samples; the lowest measured error wins.
+
+``tolerance`` mode walks speed targets from fast to slow and returns the fastest plan whose measured error meets
+it. Errors are the relative L2 distance of the final sample to the uncached one (mean over calibration prompts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from fxcache import methods as M
+from fxcache.analysis.calibrate import _final_tensor
+from fxcache.analysis.profile import Profile
+from fxcache.errors import InputError
+from fxcache.plan import ORDER, Plan
+from fxcache.runtime import OptimizedDenoiser
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Candidate", "SearchResult", "search"]
+
+TOLERANCE_SPEEDUPS = (8.0, 6.0, 5.0, 4.0, 3.0, 2.5, 2.0, 1.5, 1.25)
+_ACTIONS = ("reuse", "taylor1", "taylor2", "ab2", "hermite")
+
+
+@dataclasses.dataclass(eq=False)
+class Candidate:
+    name: str
+    plan: Plan
+    fraction: float
+    predicted: float = math.nan
+    measured: float = math.nan
+    psnr: float = math.nan
+    denoiser: OptimizedDenoiser | None = None
+
+
+@dataclasses.dataclass
+class SearchResult:
+    best: Candidate
+    candidates: list[Candidate]
+    target_fraction: float | None
+    tolerance: float | None
+
+    def report(self) -> str:
+        lines = [f"fxcache plan search: {len(self.candidates)} candidates"
+                 + (f", target computed fraction {self.target_fraction:.3f}" if self.target_fraction else "")
+                 + (f", tolerance (rel. L2) {self.tolerance:g}" if self.tolerance is not None else ""),
+                 f"{'candidate':<44} {'fraction':>8} {'predicted':>10} {'measured':>9} {'PSNR':>7}"]
+        for c in sorted(self.candidates, key=lambda c: (math.isnan(c.measured), c.measured, c.fraction)):
+            mark = " <- chosen" if c is self.best else ""
+            lines.append(f"{c.name[:44]:<44} {c.fraction:>8.3f} {c.predicted:>10.4g} {c.measured:>9.4g} "
+                         f"{c.psnr:>7.2f}{mark}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# candidates
+
+
+def _library(ctx: M.PlanContext) -> list[tuple[str, Plan]]:
+    out = []
+    for n in range(2, 9):
+        for make in (lambda n: M.FORA(interval=n), lambda n: M.TaylorSeer(interval=n, order=2),
+                     lambda n: M.TaylorSeer(interval=n, order=1), lambda n: M.HiCache(interval=n),
+                     lambda n: M.ABCache(interval=n), lambda n: M.DeltaDiT(interval=n),
+                     lambda n: M.DeepCache(interval=n), lambda n: M.ToCa(interval=n), lambda n: M.DuCa(interval=n)):
+            method = make(n)
+            try:
+                out.append((repr(method), method.plan(ctx)))
+            except InputError:
+                continue  # the method does not apply to this model
+    return out
+
+
+def _step_weights(prof: Profile, keys: Sequence[str]) -> np.ndarray:
+    sens = np.stack([prof.sensitivity_of(k) for k in keys]) if keys else np.zeros((1, prof.num_steps))
+    w = np.nansum(sens, axis=0)
+    return np.where(np.isfinite(w), w, 0.0)
+
+
+def _scheduled(ctx: M.PlanContext, prof: Profile, keys: list[str], action: str, full: Sequence[int]) -> Plan:
+    steps, computed = [], 0
+    full = set(full)
+    for s in range(ctx.num_steps):
+        if s in full:
+            steps.append({})
+            computed += 1
+            continue
+        order = min(ORDER[action], computed - 1)
+        act = action if order == ORDER[action] else ("reuse" if order <= 0 else "taylor1")
+        steps.append({k: act for k in keys})
+    return Plan(fingerprint=ctx.fingerprint, num_steps=ctx.num_steps, steps=steps, method="fxcache-auto",
+                timesteps=list(ctx.timesteps))
+
+
+def _placements(t: int, k: int, weights: np.ndarray, warmup: int) -> dict[str, list[int]]:
+    """Full-step sets of size ``k``: uniform, and sensitivity-weighted (after ``warmup`` forced steps)."""
+    k = max(1, min(t, k))
+    uniform = sorted({int(round(x)) for x in np.linspace(0, t - 1, k)}) if k > 1 else [0]
+    forced = list(range(min(warmup, k)))
+    rest = [s for s in np.argsort(-weights) if s not in forced][: k - len(forced)]
+    weighted = sorted(set(forced) | {int(s) for s in rest})
+    return {"uniform": uniform, "sensitivity": weighted}
+
+
+def _granularities(ctx: M.PlanContext) -> dict[str, list[str]]:
+    out = {}
+    for kind in ("layer", "block", "stack"):
+        pts = [p for p in ctx.points if p.kind == kind and (kind == "layer" or p.residual)]
+        if pts:
+            out[kind] = [p.key for p in pts]
+    return out
+
+
+def _fraction(opt: OptimizedDenoiser) -> float:
+    t = opt.plan.num_steps
+    return sum(opt._flops[v] for v in opt._variant_of_step) / (t * opt._full_flops)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prediction and validation
+
+
+def _predict(prof: Profile, plan: Plan) -> float:
+    """Σ over cached (point, step): estimated final change of reuse × (predictor error / reuse error)."""
+    total, last = 0.0, {}
+    for s in range(plan.num_steps):
+        acts = plan.actions(s)
+        for key in {p.key for p in prof.cache_points}:
+            if key not in acts:
+                last.setdefault(key, []).append(s)
+        for key, action in acts.items():
+            if key not in prof.points or action not in _ACTIONS:
+                continue
+            sens = prof.sensitivity_of(key)[s]
+            if not np.isfinite(sens):
+                continue
+            history = last.get(key, [])
+            k = s - history[-1] if history else 1
+            d = history[-1] - history[-2] if len(history) > 1 else 1
+            scale = _predictor_scale(prof, key, action, k, d, s)
+            total += float(sens) * scale * max(1, k)
+    return total
+
+
+def _predictor_scale(prof: Profile, key: str, action: str, k: int, d: int, s: int) -> float:
+    opts = prof.options
+    k = min(k, max(opts["horizons"]))
+    d = min(d, max(opts["spacings"]))
+    if k not in opts["horizons"] or d not in opts["spacings"]:
+        return 1.0
+    with np.errstate(all="ignore"):
+        err = np.nanmean(prof.predictor_error(key, action, horizon=k, spacing=d))
+        ref = np.nanmean(prof.predictor_error(key, "reuse", horizon=1, spacing=1))
+    if not (np.isfinite(err) and np.isfinite(ref)) or ref <= 0:
+        return 1.0
+    return float(err / ref)
+
+
+class _Validator:
+    """Runs a denoiser through the calibration loops and compares final samples with the uncached ones."""
+
+    def __init__(self, run_loop: Callable[[Any, int], torch.Tensor], num_prompts: int, reference: Any):
+        self.run_loop = run_loop
+        self.n = num_prompts
+        with torch.no_grad():
+            self.refs = [run_loop(reference, i).double() for i in range(num_prompts)]
+
+    def __call__(self, denoiser) -> tuple[float, float, float]:
+        errs, psnrs, fracs = [], [], []
+        with torch.no_grad():
+            for i, ref in enumerate(self.refs):
+                got = self.run_loop(denoiser, i).double()
+                errs.append(float((got - ref).norm() / ref.norm().clamp_min(1e-30)))
+                mse = float((got - ref).pow(2).mean())
+                peak = float(ref.max() - ref.min()) or 1.0
+                psnrs.append(10 * math.log10(peak ** 2 / mse) if mse > 0 else math.inf)
+                fracs.append(denoiser.stats()["computed_fraction"])
+        return float(np.mean(errs)), float(np.mean(psnrs)), float(np.mean(fracs))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the search
+
+
+def search(prof: Profile, run_loop: Callable[[Any, int], torch.Tensor], num_prompts: int, *,
+           speedup: float | None = None, tolerance: float | None = None, validate_top: int = 6,
+           progress: Callable[[str], None] | None = None) -> SearchResult:
+    """Search plans for ``prof``'s model (see the module docstring). ``run_loop(denoiser, i)`` runs calibration
+    prompt ``i`` with ``denoiser`` and returns the final sample."""
+    if (speedup is None) == (tolerance is None):
+        raise InputError("give exactly one of speedup= (e.g. 3.0) and tolerance= (relative L2 of the final sample)")
+    if speedup is not None and not speedup >= 1.0:
+        raise InputError(f"speedup must be >= 1, got {speedup!r}")
+    if tolerance is not None and not tolerance > 0:
+        raise InputError(f"tolerance must be > 0 (relative L2 of the final sample), got {tolerance!r}")
+    ctx = M.PlanContext(prof.fingerprint, prof.num_steps, prof.cache_points, prof.timesteps, prof)
+    points = prof.cache_points + prof.signal_points
+    validator = _Validator(run_loop, num_prompts, prof.traced)
+    cache: dict[str, Candidate] = {}
+    graphs: dict = {}  # step graphs shared by all candidates
+
+    def build(name: str, plan: Plan) -> Candidate | None:
+        key = str(plan.steps)
+        if key in cache:
+            return cache[key]
+        try:
+            opt = OptimizedDenoiser(prof.traced, plan, points, graph_cache=graphs)
+        except InputError as e:
+            log.debug("candidate %s rejected: %s", name, e)
+            return None
+        cand = Candidate(name, plan, _fraction(opt), denoiser=opt)
+        cand.predicted = _predict(prof, plan)
+        cache[key] = cand
+        return cand
+
+    def for_target(fraction: float) -> list[Candidate]:
+        found = []
+        for name, plan in _library(ctx):
+            c = build(name, plan)
+            if c is not None and c.fraction <= fraction * 1.05 and c.fraction >= fraction * 0.95:
+                found.append(c)
+        t = prof.num_steps
+        for gran, keys in _granularities(ctx).items():
+            weights = _step_weights(prof, keys)
+            probe = build(f"{gran}:reuse:probe", _scheduled(ctx, prof, keys, "reuse", [0]))
+            if probe is None:
+                continue
+            if t < 2:
+                continue
+            cached = (probe.fraction * t - 1.0) / (t - 1)  # computed fraction of one cached step
+            if cached >= fraction or cached >= 1.0:
+                continue  # even caching every step but the first misses the target at this granularity
+            k = int(np.clip(round(t * (fraction - cached) / (1.0 - cached)), 1, t))
+            for kk in sorted({k - 1, k, k + 1}):
+                if not 1 <= kk <= t:
+                    continue
+                for place, full in _placements(t, kk, weights, warmup=min(2, kk)).items():
+                    for action in _ACTIONS:
+                        name = f"{gran} {action}, {kk}/{t} full ({place})"
+                        c = build(name, _scheduled(ctx, prof, keys, action, full))
+                        if c is not None and fraction * 0.95 <= c.fraction <= fraction * 1.05:
+                            found.append(c)
+        return found
+
+    def validate(cands: list[Candidate]) -> None:
+        library = [c for c in cands if not c.name.startswith(("layer ", "block ", "stack "))]
+        ranked = sorted((c for c in cands if c not in library), key=lambda c: c.predicted)[:validate_top]
+        for c in dict.fromkeys(library + ranked):
+            if math.isnan(c.measured):
+                if progress:
+                    progress(c.name)
+                c.measured, c.psnr, _ = validator(c.denoiser)
+
+    if speedup is not None:
+        target = 1.0 / speedup
+        cands = for_target(target)
+        if not cands:
+            raise InputError(f"no plan reaches speedup {speedup:g} (computed fraction {target:.3f} ± 5 %) on this "
+                             f"model with {prof.num_steps} steps; try a smaller speedup")
+        validate(cands)
+        measured = [c for c in cands if np.isfinite(c.measured)]
+        best = min(measured, key=lambda c: (c.measured, c.fraction))
+        return SearchResult(best, measured, target, None)
+
+    tried: list[Candidate] = []
+    for s in TOLERANCE_SPEEDUPS:
+        cands = for_target(1.0 / s)
+        if not cands:
+            continue
+        validate(cands)
+        measured = [c for c in cands if np.isfinite(c.measured)]
+        tried += measured
+        ok = [c for c in measured if c.measured <= tolerance]
+        if ok:
+            best = min(ok, key=lambda c: (c.fraction, c.measured))
+            return SearchResult(best, tried, None, tolerance)
+    full = build("full", Plan(prof.fingerprint, prof.num_steps, [{} for _ in range(prof.num_steps)],
+                              method="Full", timesteps=list(prof.timesteps)))
+    full.measured, full.psnr = 0.0, math.inf
+    log.warning("no plan meets tolerance %g; returning the uncached plan (computed fraction 1.0)", tolerance)
+    return SearchResult(full, tried + [full], None, tolerance)
+
+
+def final_tensor(out) -> torch.Tensor:
+    return _final_tensor(out, "the sampling loop's result")

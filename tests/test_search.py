@@ -1,0 +1,73 @@
+"""optimize(method="auto"): the calibrated plan search on the trained digits model."""
+
+import logging
+
+import pytest
+import torch
+
+import fxcache
+from fxcache.methods import FORA
+from fxcache.testing.digits import digits_model, digits_sampler
+
+pytest.importorskip("diffusers")
+
+STEPS = 12
+CALIB = [{"label": c, "seed": 100 + c} for c in (1, 4, 7)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return digits_model()
+
+
+@pytest.fixture(scope="module")
+def auto3(model):
+    return fxcache.optimize(model, CALIB, sampler=digits_sampler(steps=STEPS), speedup=3.0, progress=False)
+
+
+def test_speedup_target_is_met_and_the_choice_is_the_best_measured(auto3):
+    result = auto3.search
+    assert result.best.fraction <= (1 / 3) * 1.05 and result.best.fraction >= (1 / 3) * 0.95
+    assert all(result.best.measured <= c.measured for c in result.candidates)
+    # the plan honours its predicted cost when it runs
+    sampler = digits_sampler(steps=STEPS)
+    with torch.no_grad():
+        sampler(auto3, {"label": 2, "seed": 0})
+    assert auto3.stats()["computed_fraction"] == pytest.approx(result.best.fraction, rel=1e-9)
+    text = auto3.search_report()
+    assert "<- chosen" in text and "predicted" in text and "measured" in text
+
+
+def test_search_beats_the_single_methods_it_measured(auto3):
+    result = auto3.search
+    library = [c for c in result.candidates if "(" in c.name and not c.name.startswith(("layer", "block", "stack"))]
+    assert all(result.best.psnr >= c.psnr for c in library)
+
+
+def test_tolerance_returns_the_fastest_plan_within_it(model):
+    opt = fxcache.optimize(model, CALIB, sampler=digits_sampler(steps=STEPS), tolerance=0.05, progress=False)
+    best = opt.search.best
+    assert best.measured <= 0.05 and best.fraction < 1.0
+    faster_ok = [c for c in opt.search.candidates if c.fraction < best.fraction * 0.95 and c.measured <= 0.05]
+    assert not faster_ok
+
+
+def test_unreachable_targets(model, caplog):
+    sampler = digits_sampler(steps=STEPS)
+    with pytest.raises(fxcache.InputError, match="no plan reaches speedup 50"):
+        fxcache.optimize(model, CALIB[:1], sampler=sampler, speedup=50.0, progress=False)
+    with caplog.at_level(logging.WARNING):
+        opt = fxcache.optimize(model, CALIB[:1], sampler=sampler, tolerance=1e-9, progress=False)
+    assert opt.search.best.fraction == 1.0 and "no plan meets tolerance" in caplog.text
+
+
+def test_bad_target_arguments(model):
+    sampler = digits_sampler(steps=STEPS)
+    with pytest.raises(fxcache.InputError, match="exactly one target"):
+        fxcache.optimize(model, CALIB, sampler=sampler, progress=False)
+    with pytest.raises(fxcache.InputError, match="exactly one target"):
+        fxcache.optimize(model, CALIB, sampler=sampler, speedup=2.0, tolerance=0.1, progress=False)
+    with pytest.raises(fxcache.InputError, match="targets for method='auto'"):
+        fxcache.optimize(model, CALIB, sampler=sampler, speedup=2.0, method=FORA(), progress=False)
+    with pytest.raises(fxcache.InputError, match="backend 'tensorrt' is not available"):
+        fxcache.optimize(model, CALIB, sampler=sampler, method=FORA(), backend="tensorrt", progress=False)
