@@ -5,7 +5,7 @@ from fxcache.analysis.points import CachePoint
 from fxcache.analysis.profile import Profile, ProfileError, profile
 from fxcache.analysis.structure import Block, Stack, Structure
 from fxcache.errors import FxCacheError, InputError, IRError, TraceError
-from fxcache.optimize import optimize
+from fxcache.optimize import load, optimize
 from fxcache.plan import Plan, PlanError
 from fxcache.runtime import OptimizedDenoiser
 from fxcache.trace import TracedDenoiser, trace
@@ -29,6 +29,7 @@ __all__ = [
     "TracedDenoiser",
     "__version__",
     "ir",
+    "load",
     "methods",
     "optimize",
     "profile",

@@ -15,10 +15,11 @@ from fxcache.analysis.profile import _DENOISER_ATTRS, _is_pipeline, profile
 from fxcache.errors import InputError
 from fxcache.methods import Method, PlanContext
 from fxcache.runtime import OptimizedDenoiser
+from fxcache.trace import TracedDenoiser
 
 log = logging.getLogger(__name__)
 
-__all__ = ["optimize"]
+__all__ = ["load", "optimize"]
 
 BACKENDS = ("eager",)
 
@@ -71,6 +72,7 @@ def optimize(model, calib_prompts: Sequence[Any], *, sampler=None, speedup: floa
         ctx = PlanContext(fingerprint=prof.fingerprint, num_steps=prof.num_steps, points=prof.cache_points,
                           timesteps=prof.timesteps, profile=prof)
         optimized = OptimizedDenoiser(prof.traced, method.plan(ctx), points)
+    optimized.plan.model = prof.model_name
     optimized.profile = prof
     optimized.search = report
     log.info("optimized %s with %s", prof.model_name, optimized.plan.summary())
@@ -111,3 +113,80 @@ def _loop_runner(model, prompts, sampler, call_kwargs, seed):
         return _final_tensor(sampler(denoiser, prompts[i], **call_kwargs), "the sampler's result")
 
     return run
+
+
+class PlannedDenoiser(torch.nn.Module):
+    """A saved plan bound to a model: traced on its first call (the plan does not store example inputs), checked
+    against the plan's graph fingerprint, then run as an :class:`~fxcache.runtime.OptimizedDenoiser`."""
+
+    def __init__(self, model: torch.nn.Module, plan):
+        super().__init__()
+        object.__setattr__(self, "_model", model)  # not a submodule: the optimized denoiser will own it
+        self.plan = plan
+        self.optimized: OptimizedDenoiser | None = None
+
+    def forward(self, *args, **kwargs):
+        if self.optimized is None:
+            self.optimized = self._build(args, kwargs)
+        return self.optimized(*args, **kwargs)
+
+    def _build(self, args, kwargs) -> OptimizedDenoiser:
+        from fxcache.analysis.points import find_cache_points, find_signals
+        from fxcache.plan import PlanError
+        from fxcache.trace import trace_call
+
+        traced = trace_call(self._model, args, kwargs)
+        if traced.fingerprint != self.plan.fingerprint:
+            raise PlanError(
+                f"the saved plan was made for graph {self.plan.fingerprint} ({self.plan.model or 'unknown model'}), "
+                f"but this model called with these inputs gives graph {traced.fingerprint}: another model, "
+                "configuration, resolution or batch size — optimize this model instead")
+        points = find_cache_points(traced.graph_module, traced.structure) + find_signals(traced.graph_module,
+                                                                                          traced.structure)
+        return OptimizedDenoiser(traced, self.plan, points)
+
+    def stats(self) -> dict:
+        if self.optimized is None:
+            raise InputError("no call yet: stats() describe a run")
+        return self.optimized.stats()
+
+    def reset(self) -> None:
+        if self.optimized is not None:
+            self.optimized.reset()
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_"):
+                raise
+            return getattr(self.__dict__["_model"], name)
+
+
+def load(path, model):
+    """Bind a plan saved with ``optimized.plan.save(path)`` to ``model`` (a denoiser, or a pipeline whose
+    denoiser is replaced and which is returned). The plan's graph fingerprint is checked on the first call; a plan
+    made for another denoiser class is refused at once."""
+    from fxcache.plan import Plan, PlanError
+
+    plan = Plan.load(path)
+    target = model
+    attr = None
+    if _is_pipeline(model):
+        attr = next(a for a in _DENOISER_ATTRS if isinstance(getattr(model, a, None), torch.nn.Module))
+        target = getattr(model, attr)
+    if isinstance(target, PlannedDenoiser):
+        target = target.__dict__["_model"]
+    elif isinstance(target, OptimizedDenoiser):
+        target = target.traced.model
+    elif isinstance(target, TracedDenoiser):
+        target = target.model
+    if not isinstance(target, torch.nn.Module):
+        raise InputError(f"load() needs a denoiser nn.Module or a pipeline, got {type(model).__qualname__}")
+    if plan.model and type(target).__name__ != plan.model:
+        raise PlanError(f"{path}: the plan was made for a {plan.model}, not a {type(target).__name__}")
+    bound = PlannedDenoiser(target, plan)
+    if attr is not None:
+        setattr(model, attr, bound)
+        return model
+    return bound

@@ -73,6 +73,8 @@ class Plan:
     steps: list[dict[str, str]]
     method: str = "custom"
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: the denoiser class the plan was made for (checked by :func:`fxcache.load`)
+    model: str = ""
     timesteps: list[float | None] = dataclasses.field(default_factory=list)
     #: a dynamic gate (``None``: the schedule is static). ``{"kind": "fbcache" | "teacache", "signal": point key,
     #: "skip": {point: "reuse"}, "threshold": float, "steps": [steps it decides], "coefficients": [...]}`` — at the

@@ -71,3 +71,30 @@ def test_bad_target_arguments(model):
         fxcache.optimize(model, CALIB, sampler=sampler, speedup=2.0, method=FORA(), progress=False)
     with pytest.raises(fxcache.InputError, match="backend 'tensorrt' is not available"):
         fxcache.optimize(model, CALIB, sampler=sampler, method=FORA(), backend="tensorrt", progress=False)
+
+
+def test_plan_save_load_run_reproduces_the_output(auto3, model, tmp_path):
+    sampler = digits_sampler(steps=STEPS)
+    with torch.no_grad():
+        auto3.reset()
+        want = sampler(auto3, {"label": 5, "seed": 3})
+    path = auto3.plan.save(tmp_path / "plan.json")
+    loaded = fxcache.load(path, digits_model())
+    with torch.no_grad():
+        got = sampler(loaded, {"label": 5, "seed": 3})
+    assert torch.equal(got, want)
+    assert loaded.stats()["computed_fraction"] == pytest.approx(auto3.stats()["computed_fraction"])
+
+
+def test_a_saved_plan_refuses_another_model(auto3, tmp_path):
+    from fxcache.testing import zoo
+
+    path = auto3.plan.save(tmp_path / "plan.json")
+    with pytest.raises(fxcache.PlanError, match="made for a FluxTransformer2DModel, not a DiTTransformer2DModel"):
+        fxcache.load(path, zoo.build("dit")[0])
+    other = zoo.build("flux")[0]  # same class, another configuration: caught by the graph fingerprint
+    bound = fxcache.load(path, other)
+    from fxcache.testing.samplers import zoo_sampler
+
+    with pytest.raises(fxcache.PlanError, match="saved plan was made for graph"):
+        zoo_sampler("flux", steps=STEPS)(bound, 1)
