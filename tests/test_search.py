@@ -98,3 +98,13 @@ def test_a_saved_plan_refuses_another_model(auto3, tmp_path):
 
     with pytest.raises(fxcache.PlanError, match="saved plan was made for graph"):
         zoo_sampler("flux", steps=STEPS)(bound, 1)
+
+
+def test_cli_demo_runs_the_whole_flow(tmp_path, caplog):
+    from fxcache.cli import main
+
+    with caplog.at_level(logging.INFO, logger="fxcache.cli"):
+        assert main(["demo", "--steps", "10", "--quiet", "--out", str(tmp_path)]) == 0
+    for name in ("profile.txt", "profile.png", "search.txt", "plan.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "held-out PSNR" in caplog.text and "computed fraction" in caplog.text
