@@ -1007,3 +1007,19 @@ def test_computed_fraction_matches_the_schedule(method_name):
         executed += full - saved_flops(gm, replaced, count=in_block)
     assert any(opt.plan.actions(s) for s in range(STEPS))
     assert opt.stats()["computed_fraction"] == pytest.approx(executed / (STEPS * full), rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ["dit", "wan", "flux"])
+def test_token_mask_with_every_token_fresh_equals_computing_the_layer(name):
+    """ToCa with ratio 0 recomputes all tokens of the token-wise layers: it must equal the same schedule with those
+    layers simply computed (only attention reused). Covers layers whose output is cast before use (Wan)."""
+    from fxcache.methods import ToCa
+
+    model = zoo.build(name)[0]
+    smp = zoo_sampler(name, steps=8, cfg="separate")
+    toca = fxcache.optimize(model, [1], sampler=smp, method=ToCa(interval=3, ratio=0.0), progress=False)
+    steps = [{k: a for k, a in acts.items() if a != "tokens"} for acts in toca.plan.steps]
+    assert any(a == "tokens" for acts in toca.plan.steps for a in acts.values())
+    plan = Plan(fingerprint=toca.plan.fingerprint, num_steps=8, steps=steps)
+    attention_only = fxcache.OptimizedDenoiser(toca.traced, plan, toca.profile.cache_points)
+    assert torch.allclose(_run(toca, smp, 1), _run(attention_only, smp, 1), atol=1e-5)

@@ -31,10 +31,26 @@ TOKEN_WISE_PREFIXES = (
 _aten = torch.ops.aten
 
 
+_TAIL_PREFIXES = ("aten.to.", "aten._to_copy", "aten.type_as", "aten.alias", "aten.clone", "aten.detach",
+                  "aten.dropout", "aten._assert_tensor_metadata")
+
+
 def layer_nodes(gm: torch.fx.GraphModule, point: CachePoint) -> list[torch.fx.Node]:
+    """The ops of the layer module, plus the casts/copies between its output and the point's value (a block may
+    cast the layer's output before using it)."""
     prefix = point.key[len("layer:"):]
-    return [n for n in gm.graph.nodes if n.op == "call_function"
-            and (info(n).module_path == prefix or info(n).module_path.startswith(prefix + "."))]
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"
+             and (info(n).module_path == prefix or info(n).module_path.startswith(prefix + "."))]
+    inside = set(nodes)
+    value = next((n for n in gm.graph.nodes if key_of(n) == point.nodes[0]), None)
+    tail, cur = [], value
+    while cur is not None and cur not in inside and op_name(cur).startswith(_TAIL_PREFIXES) \
+            and cur.all_input_nodes:
+        tail.append(cur)
+        cur = cur.all_input_nodes[0]
+    if cur in inside:
+        nodes += [n for n in gm.graph.nodes if n in set(tail)]
+    return nodes
 
 
 def token_wise_violation(gm: torch.fx.GraphModule, point: CachePoint) -> str | None:
@@ -44,6 +60,8 @@ def token_wise_violation(gm: torch.fx.GraphModule, point: CachePoint) -> str | N
     nodes = layer_nodes(gm, point)
     if not nodes:
         return "no ops under its module"
+    if not any(key_of(n) == point.nodes[0] for n in nodes):
+        return "its value is computed outside the layer module"
     for n in nodes:
         if not op_name(n).startswith(TOKEN_WISE_PREFIXES):
             return f"{op_name(n)} in {info(n).module_path} is not token-wise"
