@@ -143,12 +143,7 @@ class OptimizedDenoiser(torch.nn.Module):
         self._step_index = input_names.index(traced.step_input) if traced.step_input in input_names else None
         self._max_order = {k: plan.max_order(k) for k in plan.read_points()}
         self._tracker = StepTracker()
-        self._cache: dict[int, dict[str, _Entry]] = {}
-        self._gate_state: dict[int, dict] = {}
-        self._cfg_state: dict = {}
-        self._token_state: dict = {}
-        self._la_state: dict = {}
-        self._stats = self._new_stats()
+        self._clear_run_state()
 
     def _specialize(self, variant: Variant, graph_cache: dict | None):
         """One step graph; ``graph_cache`` (shared by the plan search across candidate plans of one graph) reuses
@@ -163,11 +158,15 @@ class OptimizedDenoiser(torch.nn.Module):
     def reset(self) -> None:
         """Forget every cached value: the next call starts a new sampling run."""
         self._tracker.reset()
-        self._cache = {}
-        self._gate_state = {}
-        self._cfg_state = {}
-        self._token_state = {}
-        self._la_state = {}
+        self._clear_run_state()
+
+    def _clear_run_state(self) -> None:
+        """Caches, gate/CFG/token/layer-adaptive state and stats of the current run."""
+        self._cache: dict[int, dict[str, _Entry]] = {}
+        self._gate_state: dict[int, dict] = {}
+        self._cfg_state: dict = {}
+        self._token_state: dict = {}
+        self._la_state: dict = {}
         self._stats = self._new_stats()
 
     @staticmethod
@@ -200,12 +199,7 @@ class OptimizedDenoiser(torch.nn.Module):
             t = float(v.reshape(-1)[0]) if isinstance(v, torch.Tensor) else float(v)
         step, branch, new_run = self._tracker.advance(t)
         if new_run:
-            self._cache = {}
-            self._gate_state = {}
-            self._cfg_state = {}
-            self._token_state = {}
-            self._la_state = {}
-            self._stats = self._new_stats()
+            self._clear_run_state()
         if step >= self.plan.num_steps:
             raise InputError(f"this sampling run has more steps than the plan ({self.plan.num_steps}); "
                              "re-optimize for this number of steps, or call .reset() between runs")

@@ -21,6 +21,17 @@ pytest.importorskip("diffusers")
 STEPS = 10
 
 
+def _euler_loop(den, x0):
+    """Flow-matching Euler over STEPS from a given noise batch (prompt 3, no CFG)."""
+    from profiling import dit_call
+
+    x, sig = x0, torch.linspace(1, 0, STEPS + 1)
+    for i in range(STEPS):
+        t = (sig[i] * 1000).expand(x.shape[0]).clone()
+        x = x + (sig[i + 1] - sig[i]) * dit_call(den, x, t, 3, False)
+    return x
+
+
 def _run(denoiser, smp, prompt, seed=0):
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -237,13 +248,6 @@ def test_batch_of_two_equals_two_runs_of_one():
 
     from fxcache.testing.samplers import flow_euler_sampler
 
-    def loop(den, x0):
-        x, sig = x0, torch.linspace(1, 0, STEPS + 1)
-        for i in range(STEPS):
-            t = (sig[i] * 1000).expand(x.shape[0]).clone()
-            x = x + (sig[i + 1] - sig[i]) * dit_call(den, x, t, 3, False)
-        return x
-
     method = TaylorSeer(interval=3, order=2, warmup=2)
     one = fxcache.optimize(model, [3], sampler=flow_euler_sampler(dit_call, (1, 4, 8, 8), steps=STEPS),
                            method=method, progress=False)
@@ -252,8 +256,8 @@ def test_batch_of_two_equals_two_runs_of_one():
     torch.manual_seed(0)
     x0 = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
-        batched = loop(two, x0)
-        singles = torch.cat([loop(one, x0[:1]), loop(one, x0[1:])])
+        batched = _euler_loop(two, x0)
+        singles = torch.cat([_euler_loop(one, x0[:1]), _euler_loop(one, x0[1:])])
     assert torch.allclose(batched, singles, atol=1e-5)
 
 
@@ -617,13 +621,6 @@ def test_dynamic_gate_batch_of_two_equals_two_runs_of_one():
 
     model = dit()
 
-    def loop(den, x0):
-        x, sig = x0, torch.linspace(1, 0, STEPS + 1)
-        for i in range(STEPS):
-            t = (sig[i] * 1000).expand(x.shape[0]).clone()
-            x = x + (sig[i + 1] - sig[i]) * dit_call(den, x, t, 3, False)
-        return x
-
     one_smp = flow_euler_sampler(dit_call, (1, 4, 8, 8), steps=STEPS)
     prof = fxcache.profile(model, [3], sampler=one_smp, sensitivity=0, progress=False)
     method = FBCache(threshold=float(np.nanmedian(prof.metric("rel_l1", "block:transformer_blocks.0"))))
@@ -633,8 +630,8 @@ def test_dynamic_gate_batch_of_two_equals_two_runs_of_one():
     torch.manual_seed(1)
     x0 = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
-        batched = loop(two, x0)
-        singles = torch.cat([loop(one, x0[:1]), loop(one, x0[1:])])
+        batched = _euler_loop(two, x0)
+        singles = torch.cat([_euler_loop(one, x0[:1]), _euler_loop(one, x0[1:])])
     assert torch.allclose(batched, singles, atol=1e-5)
 
 

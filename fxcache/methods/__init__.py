@@ -77,6 +77,19 @@ def _full_steps(num_steps: int, interval: int, warmup: int) -> list[bool]:
     return [s < warmup or (s - warmup + 1) % interval == 0 for s in range(num_steps)]
 
 
+def forecast_schedule(full: Sequence[bool], keys: Sequence[str], action_for) -> list[dict[str, str]]:
+    """Per step: ``{}`` where ``full`` says compute, else every key gets ``action_for(computations so far)``."""
+    steps, computed = [], 0
+    for f in full:
+        if f:
+            steps.append({})
+            computed += 1
+        else:
+            action = action_for(computed)
+            steps.append({k: action for k in keys})
+    return steps
+
+
 def _check_interval(interval: int) -> None:
     if not isinstance(interval, int) or interval < 1:
         raise InputError(f"interval must be an integer >= 1, got {interval!r}")
@@ -126,16 +139,13 @@ class TaylorSeer(Method):
         if self.order not in (0, 1, 2):
             raise InputError(f"TaylorSeer order must be 0, 1 or 2 in fxcache, got {self.order!r}")
         layers = _layers(ctx, "TaylorSeer")
-        steps, computed = [], 0
-        for full in _full_steps(ctx.num_steps, self.interval, self.warmup):
-            if full:
-                steps.append({})
-                computed += 1
-                continue
+
+        def action(computed: int) -> str:
             order = min(self.order, computed - 1)
-            action = "reuse" if order == 0 else f"taylor{order}"
-            steps.append({p.key: action for p in layers})
-        return steps
+            return "reuse" if order == 0 else f"taylor{order}"
+
+        full = _full_steps(ctx.num_steps, self.interval, self.warmup)
+        return forecast_schedule(full, [p.key for p in layers], action)
 
 
 @dataclasses.dataclass(repr=False)
@@ -183,14 +193,8 @@ class HiCache(TaylorSeer):
     def schedule(self, ctx):
         _check_interval(self.interval)
         layers = _layers(ctx, "HiCache")
-        steps, computed = [], 0
-        for full in _full_steps(ctx.num_steps, self.interval, self.warmup):
-            if full:
-                steps.append({})
-                computed += 1
-            else:
-                steps.append({p.key: "hermite" if computed >= 3 else "reuse" for p in layers})
-        return steps
+        full = _full_steps(ctx.num_steps, self.interval, self.warmup)
+        return forecast_schedule(full, [p.key for p in layers], lambda c: "hermite" if c >= 3 else "reuse")
 
 
 @dataclasses.dataclass(repr=False)
@@ -207,14 +211,8 @@ class ABCache(Method):
         stacks = ctx.of_kind("stack") or [p for p in ctx.of_kind("block") if p.residual]
         if not stacks:
             raise InputError("AB-Cache needs a block stack to extrapolate")
-        steps, computed = [], 0
-        for full in _full_steps(ctx.num_steps, self.interval, max(self.warmup, 1)):
-            if full:
-                steps.append({})
-                computed += 1
-            else:
-                steps.append({p.key: "ab2" if computed >= 2 else "reuse" for p in stacks})
-        return steps
+        full = _full_steps(ctx.num_steps, self.interval, max(self.warmup, 1))
+        return forecast_schedule(full, [p.key for p in stacks], lambda c: "ab2" if c >= 2 else "reuse")
 
 
 @dataclasses.dataclass(repr=False)

@@ -19,6 +19,7 @@ from fxcache.analysis.points import CachePoint
 from fxcache.errors import IRError
 from fxcache.ir.meta import NodeInfo, info, key_of, op_name, set_info
 from fxcache.passes.base import FxPass, PassResult
+from fxcache.passes.flatten_io import add_graph_input
 
 __all__ = ["TOKEN_WISE_PREFIXES", "ComputeTokenSubset", "layer_nodes", "token_wise_violation"]
 
@@ -84,17 +85,9 @@ class ComputeTokenSubset(FxPass):
         graph = graph_module.graph
         io = graph_module.meta["fxcache_io"]
         by_key = {key_of(n): n for n in graph.nodes}
-        last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
 
         def new_input(key, val):
-            nonlocal last_input
-            with graph.inserting_after(last_input):
-                node = graph.placeholder(f"in_{len(io['inputs'])}")
-            node.meta["val"] = val
-            set_info(node, NodeInfo(key=key, module_path="", role="cache"))
-            io["inputs"].append(key)
-            last_input = node
-            return node
+            return add_graph_input(graph_module, key, val, role="cache")
 
         indices = {n: new_input(f"tokens:index:{n}", torch.empty(k, dtype=torch.long, device="meta"))
                    for n, k in sorted(self.k.items())}

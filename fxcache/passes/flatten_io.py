@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch.fx
 
 from fxcache import _compat
-from fxcache.ir.meta import key_of
+from fxcache.ir.meta import NodeInfo, key_of, set_info
 from fxcache.passes.base import FxPass, PassResult
 
-__all__ = ["FlattenIO"]
+__all__ = ["FlattenIO", "add_graph_input"]
 
 
 class FlattenIO(FxPass):
@@ -38,3 +38,17 @@ class FlattenIO(FxPass):
             "out_spec": spec,
         }
         return PassResult(graph_module, True)
+
+
+def add_graph_input(graph_module: torch.fx.GraphModule, key: str, val, role: str) -> torch.fx.Node:
+    """Append an input with node key ``key`` after the last one (recorded in ``meta["fxcache_io"]["inputs"]``, so
+    the runtime feeds inputs by key); ``val`` is its example value for ``meta["val"]``."""
+    graph = graph_module.graph
+    io = graph_module.meta["fxcache_io"]
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(last):
+        node = graph.placeholder(f"in_{len(io['inputs'])}")
+    node.meta["val"] = val
+    set_info(node, NodeInfo(key=key, module_path="", role=role))
+    io["inputs"].append(key)
+    return node

@@ -19,6 +19,7 @@ import torch.fx
 from fxcache.analysis.points import CachePoint
 from fxcache.ir.meta import NodeInfo, key_of, module_path_of, set_info
 from fxcache.passes.base import FxPass, PassResult
+from fxcache.passes.flatten_io import add_graph_input
 
 __all__ = ["ReadFromCache"]
 
@@ -36,19 +37,10 @@ class ReadFromCache(FxPass):
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         graph = graph_module.graph
-        io = graph_module.meta["fxcache_io"]
         by_key = {key_of(n): n for n in graph.nodes}
-        last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
 
         def new_input(key: str, val) -> torch.fx.Node:
-            nonlocal last_input
-            with graph.inserting_after(last_input):
-                node = graph.placeholder(key.replace(":", "_").replace(".", "_").replace("[", "_").replace("]", ""))
-            node.meta["val"] = val
-            set_info(node, NodeInfo(key=key, module_path="", role="cache"))
-            io["inputs"].append(key)
-            last_input = node
-            return node
+            return add_graph_input(graph_module, key, val, role="cache")
 
         replaced: dict[torch.fx.Node, torch.fx.Node] = {}  # a base read earlier is the value it was replaced by
         position = {n: i for i, n in enumerate(graph.nodes)}

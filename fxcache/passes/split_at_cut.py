@@ -13,8 +13,9 @@ from collections.abc import Iterable, Sequence
 
 import torch.fx
 
-from fxcache.ir.meta import NodeInfo, key_of, set_info
+from fxcache.ir.meta import key_of
 from fxcache.passes.base import FxPass, PassResult
+from fxcache.passes.flatten_io import add_graph_input
 
 __all__ = ["KeepOnlyCut", "ResumeFromCut", "prefix_cut"]
 
@@ -67,17 +68,8 @@ class ResumeFromCut(FxPass):
         self.cut = list(cut)
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
-        graph = graph_module.graph
-        io = graph_module.meta["fxcache_io"]
-        by_key = {key_of(n): n for n in graph.nodes}
-        last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        by_key = {key_of(n): n for n in graph_module.graph.nodes}
         for key in self.cut:
             node = by_key[key]
-            with graph.inserting_after(last_input):
-                ph = graph.placeholder(f"cut_{len(io['inputs'])}")
-            ph.meta["val"] = node.meta.get("val")
-            set_info(ph, NodeInfo(key=f"cut:{key}", module_path="", role="cut"))
-            io["inputs"].append(f"cut:{key}")
-            last_input = ph
-            node.replace_all_uses_with(ph)
+            node.replace_all_uses_with(add_graph_input(graph_module, f"cut:{key}", node.meta.get("val"), role="cut"))
         return PassResult(graph_module, True)
