@@ -1,9 +1,16 @@
-"""Train the bundled reference model: a small class-conditional FLUX-architecture transformer (diffusers
-``FluxTransformer2DModel``, the class diffusers' cache hooks and cache-dit support) on scikit-learn's handwritten
-digits (1797 images, 8×8, 10 classes), with FLUX's rectified-flow objective.
+"""Train the bundled reference models on scikit-learn's handwritten digits (1797 images, 8×8, 10 classes):
 
-    python benchmarks/train_digits.py                  # a few minutes on 2 CPU cores; writes fxcache/assets/
+* ``--model flux`` (default): a small class-conditional FLUX-architecture transformer (diffusers
+  ``FluxTransformer2DModel``, the class diffusers' cache hooks and cache-dit support), FLUX's rectified-flow objective;
+* ``--model dit``: a small class-conditional ``DiTTransformer2DModel`` (adaLN-zero, patch 2), DDPM ε-prediction with
+  diffusers' default linear noise schedule — a second architecture *and* a second sampler family (DDIM).
+
+    python benchmarks/train_digits.py                  # ~9 min on 2 CPU cores; writes fxcache/assets/
+    python benchmarks/train_digits.py --model dit      # ~12 min
     python benchmarks/train_digits.py --steps 200 --out /tmp/digits   # quick smoke run
+
+The DiT model uses its own null class (label 10, dropped 10 % of the time by DiT's label embedding in training mode)
+for classifier-free guidance.
 
 "Prompts" are class labels: label c is encoded as fixed random text tokens ``text_table[c]`` (4 × 32) and a pooled
 vector ``pooled_table[c]`` (stored with the weights); row 10 is the empty prompt (zeros), used 10 % of the time in
@@ -22,7 +29,7 @@ import time
 
 import torch
 
-from fxcache.testing.digits import CONFIG, TEXT_TOKENS, make_tables, pack, position_ids
+from fxcache.testing.digits import CONFIG, DIT_CONFIG, TEXT_TOKENS, dit_scheduler, make_tables, pack, position_ids
 
 log = logging.getLogger("train_digits")
 
@@ -37,6 +44,7 @@ def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("flux", "dit"), default="flux")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -44,28 +52,40 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "fxcache", "assets"))
     a = parser.parse_args()
 
-    from diffusers import FluxTransformer2DModel
+    from diffusers import DiTTransformer2DModel, FluxTransformer2DModel
     from safetensors.torch import save_file
 
     torch.manual_seed(a.seed)
     images, labels = load_digits()
     text_table, pooled_table = make_tables(seed=1234)
     img_ids, txt_ids = position_ids()
-    model = FluxTransformer2DModel(**CONFIG)
+    if a.model == "flux":
+        model = FluxTransformer2DModel(**CONFIG)
+    else:
+        model = DiTTransformer2DModel(**DIT_CONFIG).train()  # training mode: DiT drops 10 % of labels itself
+        alphas = dit_scheduler().alphas_cumprod
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=a.steps, pct_start=0.05)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     start = time.time()
     for step in range(a.steps):
         idx = torch.randint(0, len(images), (a.batch,))
-        x0, y = pack(images[idx]), labels[idx].clone()
-        y[torch.rand(a.batch) < 0.1] = 10  # the empty prompt
-        noise = torch.randn_like(x0)
-        t = torch.sigmoid(torch.randn(a.batch))
-        xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-        pred = model(hidden_states=xt, encoder_hidden_states=text_table[y], pooled_projections=pooled_table[y],
-                     timestep=t, img_ids=img_ids, txt_ids=txt_ids).sample
-        loss = torch.nn.functional.mse_loss(pred, noise - x0)
+        if a.model == "flux":
+            x0, y = pack(images[idx]), labels[idx].clone()
+            y[torch.rand(a.batch) < 0.1] = 10  # the empty prompt
+            noise = torch.randn_like(x0)
+            t = torch.sigmoid(torch.randn(a.batch))
+            xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+            pred = model(hidden_states=xt, encoder_hidden_states=text_table[y], pooled_projections=pooled_table[y],
+                         timestep=t, img_ids=img_ids, txt_ids=txt_ids).sample
+            loss = torch.nn.functional.mse_loss(pred, noise - x0)
+        else:
+            x0, y = images[idx], labels[idx]
+            noise = torch.randn_like(x0)
+            t = torch.randint(0, len(alphas), (a.batch,))
+            ab = alphas[t][:, None, None, None]
+            xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+            loss = torch.nn.functional.mse_loss(model(xt, timestep=t, class_labels=y).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -82,15 +102,21 @@ def main() -> None:
             log.info("step %5d  loss %.4f  (%.0f s)", step, loss.item(), time.time() - start)
     os.makedirs(a.out, exist_ok=True)
     tensors = {f"model.{k}": v.contiguous() for k, v in ema.items()}
-    tensors["text_table"], tensors["pooled_table"] = text_table, pooled_table
-    save_file(tensors, os.path.join(a.out, "digits_flux.safetensors"),
+    if a.model == "flux":
+        tensors["text_table"], tensors["pooled_table"] = text_table, pooled_table
+        info = {"config": CONFIG, "text_tokens": TEXT_TOKENS,
+                "data": "sklearn.datasets.load_digits, scaled to [-1, 1], packed 2x2 -> (16, 4)",
+                "objective": "rectified flow, v = noise - x0, t logit-normal in (0, 1)", "empty_prompt": 10}
+    else:
+        info = {"config": DIT_CONFIG, "data": "sklearn.datasets.load_digits, scaled to [-1, 1], (1, 8, 8)",
+                "objective": "DDPM epsilon prediction, 1000 timesteps, linear betas 1e-4..0.02",
+                "empty_prompt": 10}
+    name = f"digits_{a.model}"
+    save_file(tensors, os.path.join(a.out, f"{name}.safetensors"),
               metadata={"format": "pt", "trained_steps": str(a.steps), "seed": str(a.seed)})
-    with open(os.path.join(a.out, "digits_flux.json"), "w") as f:
-        json.dump({"config": CONFIG, "text_tokens": TEXT_TOKENS,
-                   "data": "sklearn.datasets.load_digits, scaled to [-1, 1], packed 2x2 -> (16, 4)",
-                   "objective": "rectified flow, v = noise - x0, t logit-normal in (0, 1)", "empty_prompt": 10,
-                   "steps": a.steps, "batch": a.batch, "lr": a.lr, "seed": a.seed,
-                   "command": "python benchmarks/train_digits.py"}, f, indent=1)
+    with open(os.path.join(a.out, f"{name}.json"), "w") as f:
+        json.dump({**info, "steps": a.steps, "batch": a.batch, "lr": a.lr, "seed": a.seed,
+                   "command": f"python benchmarks/train_digits.py --model {a.model}"}, f, indent=1)
     log.info("wrote %s", os.path.abspath(a.out))
 
 

@@ -50,7 +50,7 @@ def demo(args: argparse.Namespace) -> int:
     fraction = opt.search.best.fraction
     log.info("4/4 done.\n"
              "  plan: %s\n"
-             "  computed fraction %.3f -> %.2fx fewer block FLOPs; wall clock on this machine %.2fx (eager, CPU)\n"
+             "  computed fraction %.3f -> %.2fx fewer FLOPs; wall clock on this machine %.2fx (eager, CPU)\n"
              "  held-out PSNR vs uncached: mean %.2f dB, min %.2f dB (10 prompts)\n"
              "  search took %.1f s\n"
              "  wrote %s/{profile.txt, profile.png, search.txt, plan.json}",

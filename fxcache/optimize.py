@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from fxcache.analysis.calibrate import _final_tensor
-from fxcache.analysis.profile import _DENOISER_ATTRS, _is_pipeline, profile
+from fxcache.analysis.profile import _DENOISER_ATTRS, Profile, _is_pipeline
+from fxcache.analysis.profile import profile as _profile
 from fxcache.errors import InputError
 from fxcache.methods import Method, PlanContext
 from fxcache.runtime import OptimizedDenoiser
@@ -26,7 +27,7 @@ BACKENDS = ("eager",)
 
 def optimize(model, calib_prompts: Sequence[Any], *, sampler=None, speedup: float | None = None,
              tolerance: float | None = None, method: Method | str = "auto", backend: str = "eager",
-             progress: bool = True, seed: int = 0, **call_kwargs):
+             progress: bool = True, seed: int = 0, profile: Profile | None = None, **call_kwargs):
     """Calibrate ``model`` (a pipeline, or a denoiser with ``sampler``; see :func:`fxcache.profile`) on
     ``calib_prompts`` and return the :class:`~fxcache.runtime.OptimizedDenoiser` — for a pipeline, the pipeline
     with its denoiser replaced.
@@ -38,6 +39,9 @@ def optimize(model, calib_prompts: Sequence[Any], *, sampler=None, speedup: floa
       unreachable ``speedup`` raises :class:`~fxcache.InputError`; an unreachable ``tolerance`` returns the uncached
       plan with a warning.
     * ``method=<a fxcache.methods method>`` uses that method (no target arguments).
+
+    ``profile=`` reuses a :class:`~fxcache.Profile` made by :func:`fxcache.profile` on the same model, prompts and
+    loop (calibration is skipped; the search needs one made with ``sensitivity`` > 0).
 
     The plan is made for the calibration calls' number of steps and input shapes; other shapes are refused."""
     if backend not in BACKENDS:
@@ -54,8 +58,11 @@ def optimize(model, calib_prompts: Sequence[Any], *, sampler=None, speedup: floa
                          "of the final sample, e.g. 0.05)")
     if not auto and (speedup is not None or tolerance is not None):
         raise InputError(f"speedup=/tolerance= are targets for method='auto'; {method!r} has its own settings")
-    prof = profile(model, calib_prompts, sampler=sampler, sensitivity=8 if auto else 0, progress=progress, seed=seed,
-                   **call_kwargs)
+    if profile is None:
+        prof = _profile(model, calib_prompts, sampler=sampler, sensitivity=8 if auto else 0, progress=progress,
+                        seed=seed, **call_kwargs)
+    else:
+        prof = _check_profile(profile, calib_prompts, auto)
     points = prof.cache_points + prof.signal_points
     report = None
     if auto:
@@ -82,6 +89,19 @@ def optimize(model, calib_prompts: Sequence[Any], *, sampler=None, speedup: floa
         setattr(model, attr, optimized)
         return model
     return optimized
+
+
+def _check_profile(prof, calib_prompts, auto: bool) -> Profile:
+    if not isinstance(prof, Profile):
+        raise InputError(f"profile= must be a fxcache.Profile (from fxcache.profile()), got {type(prof).__qualname__}")
+    prompts = {c["prompt"] for c in prof.calls}
+    if len(prompts) != len(calib_prompts):
+        raise InputError(f"profile= was made on {len(prompts)} calibration prompts, but {len(calib_prompts)} are "
+                         "given: pass the prompts it was made with")
+    if auto and not prof.measured:
+        raise InputError("profile= has no sensitivity (made with sensitivity=0); method='auto' needs it — profile "
+                         "with sensitivity > 0")
+    return prof
 
 
 def _loop_runner(model, prompts, sampler, call_kwargs, seed):

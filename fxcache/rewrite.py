@@ -13,9 +13,9 @@ from collections.abc import Mapping
 
 import torch.fx
 
-from fxcache.analysis.flops import node_flops
+from fxcache.analysis.flops import matmul_flops
 from fxcache.analysis.points import CachePoint
-from fxcache.ir import copy_graph_module, info
+from fxcache.ir import copy_graph_module
 from fxcache.passes import (
     ComputeTokenSubset,
     EliminateDeadCode,
@@ -27,7 +27,7 @@ from fxcache.passes import (
     run_passes,
 )
 
-__all__ = ["Variant", "block_flops", "specialize"]
+__all__ = ["Variant", "executed_flops", "specialize"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,11 +81,7 @@ def specialize(graph_module: torch.fx.GraphModule, points: Mapping[str, CachePoi
     return gm
 
 
-def block_flops(gm: torch.fx.GraphModule) -> int:
-    """FLOPs of the ops inside discovered blocks (what caching saves; embedders and heads always run)."""
-    total = 0
-    for n in gm.graph.nodes:
-        meta = n.meta.get("fxcache")
-        if meta is not None and info(n).block is not None:
-            total += node_flops(n)
-    return total
+def executed_flops(gm: torch.fx.GraphModule) -> int:
+    """Matmul-like FLOPs of one call of a step graph — the whole graph (embedders, heads, gates' probes included),
+    counted as FLOP counters count (:func:`fxcache.analysis.flops.matmul_flops`)."""
+    return sum(matmul_flops(n) for n in gm.graph.nodes)

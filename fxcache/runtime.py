@@ -21,7 +21,7 @@ from fxcache.errors import InputError
 from fxcache.passes import prefix_cut
 from fxcache.plan import LINEAR_PREFIX, ORDER, Plan, PlanError, is_forecast, order_of
 from fxcache.predictors import HERMITE_SIGMA, _hermite_scaled
-from fxcache.rewrite import Variant, block_flops, specialize
+from fxcache.rewrite import Variant, executed_flops, specialize
 from fxcache.trace import TracedDenoiser, _Signature
 
 log = logging.getLogger(__name__)
@@ -134,10 +134,10 @@ class OptimizedDenoiser(torch.nn.Module):
                 self._gate_variants[s] = (prefix, compute, skip)
         self._graphs = graphs
         self.variants = torch.nn.ModuleDict({f"v{i}": g for i, g in enumerate(graphs.values())})
-        self._flops = {v: block_flops(g) for v, g in graphs.items()}
+        self._flops = {v: executed_flops(g) for v, g in graphs.items()}
         # the uncached baseline is the full graph after the same dead-code elimination the variants get
         full = graphs.get(Variant()) or self._specialize(Variant(), graph_cache)
-        self._full_flops = block_flops(full)
+        self._full_flops = executed_flops(full)
         placeholders = [n for n in traced.graph_module.graph.nodes if n.op == "placeholder"]
         input_names = [n.meta["fxcache"].key[len("input:"):] for n in placeholders]
         self._step_index = input_names.index(traced.step_input) if traced.step_input in input_names else None
@@ -175,7 +175,8 @@ class OptimizedDenoiser(torch.nn.Module):
 
     def stats(self) -> dict:
         """Of the current (or last) run: ``steps``, ``full_steps`` (steps run without any cache read), ``calls``,
-        ``computed_fraction`` (executed block FLOPs / uncached block FLOPs) and calls per variant."""
+        ``computed_fraction`` (matmul-like FLOPs executed by the run's graphs — gates' probes included — / those of
+        the same calls uncached; what ``torch.utils.flop_counter`` measures) and calls per variant."""
         s = dict(self._stats)
         s["computed_fraction"] = s["flops"] / s["full_flops"] if s["full_flops"] else 1.0
         s["variants"] = dict(s["variants"])
@@ -358,7 +359,7 @@ class OptimizedDenoiser(torch.nn.Module):
         v = Variant(writes=tuple(outs[reuse + 1:]), reads=((outs[reuse], 0),) if reuse >= 0 else ())
         if v not in self._graphs:
             self._graphs[v] = specialize(self.traced.graph_module, self._points, v)
-            self._flops[v] = block_flops(self._graphs[v])
+            self._flops[v] = executed_flops(self._graphs[v])
             self.variants[f"v{len(self.variants)}"] = self._graphs[v]
         return v
 

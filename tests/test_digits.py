@@ -1,5 +1,5 @@
-"""The bundled trained reference model (FLUX architecture on scikit-learn digits): it loads, it generates the
-digits it is asked for, and fxcache runs it exactly."""
+"""The bundled trained reference models (FLUX and DiT architectures on scikit-learn digits): they load, they
+generate the digits they are asked for, and fxcache runs them exactly."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,9 @@ import torch
 
 import fxcache
 from fxcache.methods import Full
-from fxcache.testing.digits import digits_model, digits_sampler, pack, unpack
+from fxcache.testing.digits import digits_dit_model, digits_dit_sampler, digits_model, digits_sampler, pack, unpack
+
+MODELS = {"flux": (digits_model, digits_sampler), "dit": (digits_dit_model, digits_dit_sampler)}
 
 pytest.importorskip("diffusers")
 
@@ -31,9 +33,11 @@ def test_pack_roundtrip():
     assert torch.equal(unpack(pack(x)), x)
 
 
-def test_trained_model_draws_the_requested_digits(classifier):
-    model = digits_model()
-    sampler = digits_sampler(steps=16, guidance=2.0, batch=4)
+@pytest.mark.parametrize("name", MODELS)
+def test_trained_model_draws_the_requested_digits(classifier, name):
+    make_model, make_sampler = MODELS[name]
+    model = make_model()
+    sampler = make_sampler(steps=16, guidance=2.0, batch=4)
     labels, images = [], []
     with torch.no_grad():
         for label in range(10):
@@ -44,9 +48,11 @@ def test_trained_model_draws_the_requested_digits(classifier):
     assert accuracy >= 0.8, accuracy  # a classifier trained on the real digits recognises the samples
 
 
-def test_full_plan_on_the_trained_model_is_exact():
-    model = digits_model()
-    sampler = digits_sampler(steps=8)
+@pytest.mark.parametrize("name", MODELS)
+def test_full_plan_on_the_trained_model_is_exact(name):
+    make_model, make_sampler = MODELS[name]
+    model = make_model()
+    sampler = make_sampler(steps=8)
     opt = fxcache.optimize(model, [3], sampler=sampler, method=Full(), progress=False)
     with torch.no_grad():
         assert torch.equal(sampler(opt, {"label": 3, "seed": 0}), sampler(model, {"label": 3, "seed": 0}))

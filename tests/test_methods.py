@@ -32,6 +32,17 @@ def _euler_loop(den, x0):
     return x
 
 
+def _saved_matmul_flops(opt, point) -> int:
+    """Matmul FLOPs that reading ``point`` from the cache makes dead (liveness walk over the traced graph)."""
+    from fxcache.analysis.flops import matmul_flops
+    from fxcache.analysis.points import saved_flops
+
+    gm = opt.traced.graph_module
+    by_key = {n.meta["fxcache"].key: n for n in gm.graph.nodes}
+    replaced = {by_key[n]: by_key[b] if b else None for n, b in zip(point.nodes, point.bases)}
+    return saved_flops(gm, replaced, flops=matmul_flops)
+
+
 def _run(denoiser, smp, prompt, seed=0):
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -145,9 +156,8 @@ def test_sublayer_methods_match_their_eager_formula(method, interval, order, war
     stats = opt.stats()
     full = _full_steps(interval, warmup, type(method).__name__)
     assert stats["steps"] == STEPS and stats["full_steps"] == sum(full) and stats["calls"] == 2 * STEPS
-    layers = [p for p in opt.profile.cache_points if p.kind == "layer"]
-    block_total = opt._full_flops
-    want_fraction = 1 - (STEPS - sum(full)) * sum(p.flops for p in layers) / (STEPS * block_total)
+    saved = sum(_saved_matmul_flops(opt, p) for p in opt.profile.cache_points if p.kind == "layer")
+    want_fraction = 1 - (STEPS - sum(full)) * saved / (STEPS * opt._full_flops)
     assert stats["computed_fraction"] == pytest.approx(want_fraction, rel=1e-9)
 
 
@@ -183,7 +193,7 @@ def test_delta_dit_matches_its_eager_formula():
             h.remove()
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
     block = next(p for p in opt.profile.cache_points if p.key == f"block:transformer_blocks.{n - 1}")
-    want_fraction = 1 - (STEPS // 2) * block.flops / (STEPS * opt._full_flops)
+    want_fraction = 1 - (STEPS // 2) * _saved_matmul_flops(opt, block) / (STEPS * opt._full_flops)
     assert opt.stats()["computed_fraction"] == pytest.approx(want_fraction, rel=1e-9)
 
 
@@ -978,12 +988,12 @@ def test_foresight_matches_its_eager_formula():
 
 @pytest.mark.parametrize("method_name", ["FORA", "DeltaDiT", "PAB", "TaylorSeer", "HiCache", "ABCache", "MagCache"])
 def test_computed_fraction_matches_the_schedule(method_name):
-    """Static methods: per step, the block FLOPs that run are the full block FLOPs minus what the step's reads make
-    dead — computed here from the graph by a liveness walk (fxcache.analysis.points.saved_flops), independently of
-    the rewrite's dead-code elimination."""
+    """Static methods: per step, the FLOPs that run are the full call's minus what the step's reads make dead —
+    computed here from the graph by a liveness walk (fxcache.analysis.points.saved_flops), independently of the
+    rewrite's dead-code elimination."""
     import fxcache.methods as M
+    from fxcache.analysis.flops import matmul_flops
     from fxcache.analysis.points import saved_flops
-    from fxcache.ir import info
 
     model, smp = dit(), sampler("euler", steps=STEPS, cfg="separate")
     method = {"PAB": M.PAB(window=(0, 1001)), "MagCache": M.MagCache(threshold=1.0)}.get(method_name) or \
@@ -992,16 +1002,15 @@ def test_computed_fraction_matches_the_schedule(method_name):
     _run(opt, smp, 3)
     gm = opt.traced.graph_module
     by_key = {n.meta["fxcache"].key: n for n in gm.graph.nodes}
-    in_block = lambda n: info(n).block is not None
     points = {p.key: p for p in opt.profile.cache_points}
-    full = opt._full_flops
+    full = sum(matmul_flops(n) for n in gm.graph.nodes)
     executed = 0
     for s in range(STEPS):
         replaced = {}
         for key in opt.plan.actions(s):
             p = points[key]
             replaced.update({by_key[n]: by_key[b] if b else None for n, b in zip(p.nodes, p.bases)})
-        executed += full - saved_flops(gm, replaced, count=in_block)
+        executed += full - saved_flops(gm, replaced, flops=matmul_flops)
     assert any(opt.plan.actions(s) for s in range(STEPS))
     assert opt.stats()["computed_fraction"] == pytest.approx(executed / (STEPS * full), rel=1e-9)
 
@@ -1020,3 +1029,21 @@ def test_token_mask_with_every_token_fresh_equals_computing_the_layer(name):
     plan = Plan(fingerprint=toca.plan.fingerprint, num_steps=8, steps=steps)
     attention_only = fxcache.OptimizedDenoiser(toca.traced, plan, toca.profile.cache_points)
     assert torch.allclose(_run(toca, smp, 1), _run(attention_only, smp, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("method_name", ["FORA", "TaylorSeer", "ToCa", "FBCache", "FasterCache"])
+def test_computed_fraction_equals_the_flop_counter(method_name):
+    """``stats()["computed_fraction"]`` is what torch's own FLOP counter measures on the real run (every graph
+    executed, gates' prefix graphs and CFG-skipping included), relative to the uncached loop."""
+    import fxcache.methods as M
+    from fxcache.analysis.flops import count_flops
+
+    model, smp = dit(), sampler("euler", steps=STEPS, cfg="separate")
+    method = {"FBCache": M.FBCache(threshold=0.3), "FasterCache": M.FasterCache(interval=2)}.get(method_name) or \
+        getattr(M, method_name)()
+    opt = fxcache.optimize(model, [3], sampler=smp, method=method, progress=False)
+    _, full = count_flops(_run, model, smp, 3)
+    _, cached = count_flops(_run, opt, smp, 3)
+    stats = opt.stats()
+    assert stats["computed_fraction"] < 0.95
+    assert stats["computed_fraction"] == pytest.approx(cached / full, rel=1e-6)

@@ -1,8 +1,10 @@
-"""FLOPs of graph nodes, from the shapes export recorded in ``node.meta["val"]``.
+"""FLOPs of graph nodes, from the shapes export recorded in ``node.meta["val"]``, and of executed code.
 
 Matmul-like ops (linear, mm, bmm, matmul, addmm, baddbmm, convolution, scaled-dot-product attention) count
-2 FLOPs per multiply-add; every other op counts one FLOP per output element (elementwise work is small next to
-matmuls, but not zero: norms, activations and modulations of a skipped block are saved too).
+2 FLOPs per multiply-add. :func:`node_flops` counts every other op as one FLOP per output element (elementwise work
+is small next to matmuls, but not zero: used to rank cache points); :func:`matmul_flops` counts matmul-like ops
+only — what FLOP counters count (``torch.utils.flop_counter``, calflops, fvcore) and what a run's
+``computed_fraction`` is measured in, so it can be checked against :func:`count_flops` of the real run.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch.fx
 
 from fxcache.ir.meta import op_name
 
-__all__ = ["node_flops"]
+__all__ = ["count_flops", "matmul_flops", "node_flops"]
 
 
 def _val(n) -> torch.Tensor | None:
@@ -37,8 +39,14 @@ def _shape(n) -> tuple[int, ...] | None:
     return tuple(v.shape) if v is not None else None
 
 
-def node_flops(node: torch.fx.Node) -> int:
-    """Floating-point operations of one node (0 for inputs, parameters, output and shape-only ops)."""
+def matmul_flops(node: torch.fx.Node) -> int:
+    """FLOPs of one node if it is a matmul-like op (linear, mm, bmm, addmm, convolution, attention), else 0."""
+    return node_flops(node, elementwise=False)
+
+
+def node_flops(node: torch.fx.Node, elementwise: bool = True) -> int:
+    """Floating-point operations of one node (0 for inputs, parameters, output and shape-only ops; 0 for every
+    non-matmul op when ``elementwise`` is False)."""
     if node.op != "call_function":
         return 0
     op = op_name(node)
@@ -65,9 +73,28 @@ def node_flops(node: torch.fx.Node) -> int:
             return out
         batch = math.prod(q[:-2])
         return 2 * batch * q[-2] * k[-2] * (q[-1] + v[-1])
+    if not elementwise:
+        return 0
     if op.startswith(("aten.view", "aten.reshape", "aten._unsafe_view", "aten.expand", "aten.permute",
                       "aten.transpose", "aten.t.", "aten.unsqueeze", "aten.squeeze", "aten.slice", "aten.select",
                       "aten.alias", "aten.detach", "aten.split", "aten.chunk", "aten.unbind", "getitem",
                       "aten.sym_size", "aten.flatten", "aten.unflatten", "aten.contiguous")):
         return 0
     return out
+
+
+def _sdpa_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def count_flops(fn, *args, **kwargs):
+    """Run ``fn(*args, **kwargs)`` without autograd and count the matmul-like FLOPs it executes
+    (``torch.utils.flop_counter``, plus CPU attention, which it does not know). Returns ``(result, flops)``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    extra = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu}
+    with FlopCounterMode(display=False, custom_mapping=extra) as counter, torch.no_grad():
+        out = fn(*args, **kwargs)
+    return out, counter.get_total_flops()

@@ -99,10 +99,10 @@ def total_flops(gm: torch.fx.GraphModule) -> int:
 
 
 def saved_flops(gm: torch.fx.GraphModule, replaced: dict[torch.fx.Node, torch.fx.Node | None],
-                count=None) -> int:
+                count=None, flops=node_flops) -> int:
     """FLOPs that no longer run when each node in ``replaced`` is read from a cache (plus its base, when the value
     is a residual ``base + cached``): the ops whose results only fed the replaced nodes. ``count(node)`` limits
-    which nodes are counted (default: all)."""
+    which nodes are counted (default: all); ``flops(node)`` counts one node (default :func:`node_flops`)."""
     nodes = list(gm.graph.nodes)
     output = nodes[-1]
     live: set[torch.fx.Node] = set()
@@ -118,8 +118,7 @@ def saved_flops(gm: torch.fx.GraphModule, replaced: dict[torch.fx.Node, torch.fx
         else:
             todo.extend(n.all_input_nodes)
     counted = [n for n in nodes if count is None or count(n)]
-    return sum(node_flops(n) for n in counted) - sum(node_flops(n) for n in counted
-                                                     if n in live and n not in replaced)
+    return sum(flops(n) for n in counted) - sum(flops(n) for n in counted if n in live and n not in replaced)
 
 
 # ---------------------------------------------------------------------------------------------------------------

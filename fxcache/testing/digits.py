@@ -1,7 +1,12 @@
-"""The bundled reference model: a small FLUX-architecture transformer trained on scikit-learn's digits
-(``benchmarks/train_digits.py``), and a sampling loop for it. Prompts are class labels 0–9 (10 = empty prompt).
+"""The bundled reference models, trained on scikit-learn's digits (``benchmarks/train_digits.py``), and a sampling
+loop for each. Prompts are class labels 0–9 (10 = empty prompt), or ``{"label": c, "seed": s}``.
 
-    model = digits_model()                       # FluxTransformer2DModel with trained weights
+* ``digits_model()`` — a small FLUX-architecture transformer (``FluxTransformer2DModel``), rectified flow, text-like
+  conditioning; ``digits_sampler(steps=20)`` is a flow-matching Euler loop with classifier-free guidance.
+* ``digits_dit_model()`` — a small class-conditional ``DiTTransformer2DModel`` (adaLN-zero), DDPM ε-prediction;
+  ``digits_dit_sampler(steps=20)`` is DDIM (diffusers' ``DDIMScheduler``) with classifier-free guidance.
+
+    model = digits_model()
     sampler = digits_sampler(steps=20)           # sampler(denoiser, prompt) -> (B, 1, 8, 8) images in [-1, 1]
     images = sampler(model, 7)
 """
@@ -13,8 +18,8 @@ import os
 
 import torch
 
-__all__ = ["CONFIG", "TEXT_TOKENS", "WEIGHTS", "digits_model", "digits_sampler", "make_tables", "pack",
-           "position_ids", "unpack"]
+__all__ = ["CONFIG", "DIT_CONFIG", "DIT_WEIGHTS", "TEXT_TOKENS", "WEIGHTS", "digits_dit_model", "digits_dit_sampler",
+           "dit_scheduler", "digits_model", "digits_sampler", "make_tables", "pack", "position_ids", "unpack"]
 
 CONFIG = {
     "patch_size": 1, "in_channels": 4, "num_layers": 2, "num_single_layers": 4, "attention_head_dim": 16,
@@ -23,7 +28,13 @@ CONFIG = {
 }
 TEXT_TOKENS = 4
 EMPTY = 10
-WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "digits_flux.safetensors")
+_ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
+WEIGHTS = os.path.join(_ASSETS, "digits_flux.safetensors")
+DIT_CONFIG = {
+    "num_attention_heads": 4, "attention_head_dim": 16, "in_channels": 1, "out_channels": 1, "num_layers": 6,
+    "sample_size": 8, "patch_size": 2, "num_embeds_ada_norm": 10, "norm_type": "ada_norm_zero",
+}  # label 10 (= num_embeds_ada_norm) is DiT's own null class
+DIT_WEIGHTS = os.path.join(_ASSETS, "digits_dit.safetensors")
 
 
 def make_tables(seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,13 +64,18 @@ def position_ids() -> tuple[torch.Tensor, torch.Tensor]:
     return img.reshape(16, 3), torch.zeros(TEXT_TOKENS, 3)
 
 
-@functools.lru_cache(maxsize=1)
-def _load() -> dict[str, torch.Tensor]:
+@functools.lru_cache(maxsize=2)
+def _load(path: str = WEIGHTS) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    if not os.path.exists(WEIGHTS):
-        raise FileNotFoundError(f"{WEIGHTS} is missing: run python benchmarks/train_digits.py")
-    return load_file(WEIGHTS)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: run python benchmarks/train_digits.py")
+    return load_file(path)
+
+
+def _labels(prompt) -> tuple[int, torch.Generator | None]:
+    label, seed = (prompt["label"], prompt.get("seed")) if isinstance(prompt, dict) else (int(prompt), None)
+    return int(label), (torch.Generator().manual_seed(seed) if seed is not None else None)
 
 
 def digits_model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -86,8 +102,7 @@ def digits_sampler(steps: int = 20, guidance: float = 2.0, cfg: str = "separate"
         return out[0] if isinstance(out, tuple) else out.sample
 
     def sampler(denoiser, prompt):
-        label, seed = (prompt["label"], prompt.get("seed")) if isinstance(prompt, dict) else (int(prompt), None)
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        label, gen = _labels(prompt)
         x = torch.randn(batch, 16, 4, generator=gen)
         cond = torch.full((batch,), label, dtype=torch.long)
         empty = torch.full((batch,), EMPTY, dtype=torch.long)
@@ -106,5 +121,54 @@ def digits_sampler(steps: int = 20, guidance: float = 2.0, cfg: str = "separate"
                 v = vu + guidance * (vc - vu)
             x = x + (sigmas[i + 1] - sigmas[i]) * v
         return unpack(x)
+
+    return sampler
+
+
+def digits_dit_model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The trained DiTTransformer2DModel (eval mode; ε-prediction, 1000 DDPM training timesteps)."""
+    from diffusers import DiTTransformer2DModel
+
+    tensors = _load(DIT_WEIGHTS)
+    model = DiTTransformer2DModel(**DIT_CONFIG)
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    return model.eval().to(dtype)
+
+
+def dit_scheduler():
+    """The DDPM noise schedule the DiT digits model was trained with (diffusers' default linear betas)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=1000)  # clip_sample=True: predicted x0 kept in [-1, 1]
+
+
+def digits_dit_sampler(steps: int = 20, guidance: float = 2.0, cfg: str = "separate", batch: int = 1):
+    """DDIM (η = 0) over ``steps`` with classifier-free guidance against DiT's null class (``cfg`` as in
+    :func:`digits_sampler`). Returns (B, 1, 8, 8) images."""
+
+    def call(denoiser, x, t, labels):
+        out = denoiser(hidden_states=x, timestep=t, class_labels=labels)
+        return out[0] if isinstance(out, tuple) else out.sample
+
+    def sampler(denoiser, prompt):
+        label, gen = _labels(prompt)
+        sched = dit_scheduler()
+        sched.set_timesteps(steps)
+        x = torch.randn(batch, 1, 8, 8, generator=gen)
+        cond = torch.full((batch,), label, dtype=torch.long)
+        empty = torch.full((batch,), EMPTY, dtype=torch.long)
+        for step in sched.timesteps:
+            t = step.expand(batch).clone()
+            if cfg == "none" or guidance == 1.0:
+                eps = call(denoiser, x, t, cond)
+            elif cfg == "separate":
+                ec, eu = call(denoiser, x, t, cond), call(denoiser, x, t, empty)
+                eps = eu + guidance * (ec - eu)
+            else:
+                both = call(denoiser, torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, empty]))
+                ec, eu = both.chunk(2)
+                eps = eu + guidance * (ec - eu)
+            x = sched.step(eps, step, x).prev_sample
+        return x
 
     return sampler
