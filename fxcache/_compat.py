@@ -9,7 +9,8 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree  # private, but the only pytree API that export's in/out specs use
 
-__all__ = ["OP_TYPES", "copy_codegen", "draft_export", "keystr", "output_spec", "pytree", "tree_flatten_with_path", "unlift", "use_flat_codegen"]
+__all__ = ["OP_TYPES", "copy_codegen", "draft_export", "dynamo_counters", "error_on_recompile", "keystr", "output_spec",
+           "pytree", "tree_flatten_with_path", "unlift", "use_flat_codegen"]
 
 keystr = pytree.keystr
 
@@ -53,3 +54,18 @@ def use_flat_codegen(graph: torch.fx.Graph) -> None:
     """Make ``graph`` take its placeholders positionally and return its output node's values as a flat tuple
     (what exporters and compilers want), dropping export's pytree calling convention."""
     graph._codegen = torch.fx.graph.CodeGen()
+
+
+def dynamo_counters():
+    """Dynamo's global counters (``["graph_break"]``: reasons → count; ``["stats"]["unique_graphs"]``: graphs
+    compiled, recompilations included). Private torch API."""
+    from torch._dynamo.utils import counters
+
+    return counters
+
+
+def error_on_recompile():
+    """Context manager under which any Dynamo recompilation raises instead of recompiling."""
+    import torch._dynamo
+
+    return torch._dynamo.config.patch(error_on_recompile=True)

@@ -15,19 +15,17 @@ from fxcache.analysis.profile import _DENOISER_ATTRS, Profile, _is_pipeline
 from fxcache.analysis.profile import profile as _profile
 from fxcache.errors import InputError
 from fxcache.methods import Method, PlanContext
-from fxcache.runtime import OptimizedDenoiser
+from fxcache.runtime import OptimizedDenoiser, _Compiler
 from fxcache.trace import TracedDenoiser
 
 log = logging.getLogger(__name__)
 
 __all__ = ["load", "optimize"]
 
-BACKENDS = ("eager",)
-
-
 def optimize(model, calib_prompts: Sequence[Any], *, sampler=None, speedup: float | None = None,
-             tolerance: float | None = None, method: Method | str = "auto", backend: str = "eager",
-             progress: bool = True, seed: int = 0, profile: Profile | None = None, **call_kwargs):
+             tolerance: float | None = None, method: Method | str = "auto", backend=None, mode: str | None = None,
+             cuda_graphs: bool = False, progress: bool = True, seed: int = 0, profile: Profile | None = None,
+             **call_kwargs):
     """Calibrate ``model`` (a pipeline, or a denoiser with ``sampler``; see :func:`fxcache.profile`) on
     ``calib_prompts`` and return the :class:`~fxcache.runtime.OptimizedDenoiser` — for a pipeline, the pipeline
     with its denoiser replaced.
@@ -40,13 +38,20 @@ def optimize(model, calib_prompts: Sequence[Any], *, sampler=None, speedup: floa
       plan with a warning.
     * ``method=<a fxcache.methods method>`` uses that method (no target arguments).
 
+    ``backend`` compiles every step graph (:meth:`~fxcache.runtime.OptimizedDenoiser.compile`): ``None`` (default)
+    runs the step graphs as plain FX code; a torch.compile backend name (``"inductor"``, ``"aot_eager"``,
+    ``"eager"``) or callable compiles each variant with ``fullgraph=True`` (``mode=`` passed on); ``"tensorrt"`` uses
+    torch-tensorrt. ``cuda_graphs=True`` (inductor on CUDA) captures each variant in a CUDA graph. The search itself
+    always runs uncompiled; only the chosen plan is compiled.
+
     ``profile=`` reuses a :class:`~fxcache.Profile` made by :func:`fxcache.profile` on the same model, prompts and
     loop (calibration is skipped; the search needs one made with ``sensitivity`` > 0).
 
     The plan is made for the calibration calls' number of steps and input shapes; other shapes are refused."""
-    if backend not in BACKENDS:
-        raise InputError(f"backend {backend!r} is not available yet; backends: {', '.join(BACKENDS)} "
-                         "(torch.compile / TensorRT backends are the compile stage)")
+    if backend is not None:  # fail before the (long) calibration
+        _Compiler.make(backend, mode, cuda_graphs, None, _denoiser_module(model))
+    elif mode is not None or cuda_graphs:
+        raise InputError("mode= and cuda_graphs= apply to a compiled plan: give backend= too (e.g. 'inductor')")
     auto = isinstance(method, str)
     if auto and method != "auto":
         raise InputError(f"method must be 'auto' or a fxcache.methods method, got {method!r}")
@@ -79,6 +84,8 @@ def optimize(model, calib_prompts: Sequence[Any], *, sampler=None, speedup: floa
         ctx = PlanContext(fingerprint=prof.fingerprint, num_steps=prof.num_steps, points=prof.cache_points,
                           timesteps=prof.timesteps, profile=prof)
         optimized = OptimizedDenoiser(prof.traced, method.plan(ctx), points)
+    if backend is not None:
+        optimized.compile(backend, mode=mode, cuda_graphs=cuda_graphs)
     optimized.plan.model = prof.model_name
     optimized.profile = prof
     optimized.search = report
@@ -89,6 +96,15 @@ def optimize(model, calib_prompts: Sequence[Any], *, sampler=None, speedup: floa
         setattr(model, attr, optimized)
         return model
     return optimized
+
+
+def _denoiser_module(model) -> torch.nn.Module:
+    if _is_pipeline(model):
+        model = next((getattr(model, a) for a in _DENOISER_ATTRS
+                      if isinstance(getattr(model, a, None), torch.nn.Module)), model)
+    if isinstance(model, OptimizedDenoiser):
+        model = model.traced.model
+    return model.model if isinstance(model, TracedDenoiser) else model
 
 
 def _check_profile(prof, calib_prompts, auto: bool) -> Profile:
@@ -139,11 +155,12 @@ class PlannedDenoiser(torch.nn.Module):
     """A saved plan bound to a model: traced on its first call (the plan does not store example inputs), checked
     against the plan's graph fingerprint, then run as an :class:`~fxcache.runtime.OptimizedDenoiser`."""
 
-    def __init__(self, model: torch.nn.Module, plan):
+    def __init__(self, model: torch.nn.Module, plan, compile_kwargs: dict | None = None):
         super().__init__()
         object.__setattr__(self, "_model", model)  # not a submodule: the optimized denoiser will own it
         self.plan = plan
         self.optimized: OptimizedDenoiser | None = None
+        self._compile_kwargs = compile_kwargs
 
     def forward(self, *args, **kwargs):
         if self.optimized is None:
@@ -163,7 +180,10 @@ class PlannedDenoiser(torch.nn.Module):
                 "configuration, resolution or batch size — optimize this model instead")
         points = find_cache_points(traced.graph_module, traced.structure) + find_signals(traced.graph_module,
                                                                                           traced.structure)
-        return OptimizedDenoiser(traced, self.plan, points)
+        optimized = OptimizedDenoiser(traced, self.plan, points)
+        if self._compile_kwargs is not None:
+            optimized.compile(**self._compile_kwargs)
+        return optimized
 
     def stats(self) -> dict:
         if self.optimized is None:
@@ -183,10 +203,11 @@ class PlannedDenoiser(torch.nn.Module):
             return getattr(self.__dict__["_model"], name)
 
 
-def load(path, model):
+def load(path, model, *, backend=None, mode: str | None = None, cuda_graphs: bool = False):
     """Bind a plan saved with ``optimized.plan.save(path)`` to ``model`` (a denoiser, or a pipeline whose
     denoiser is replaced and which is returned). The plan's graph fingerprint is checked on the first call; a plan
-    made for another denoiser class is refused at once."""
+    made for another denoiser class is refused at once. ``backend``/``mode``/``cuda_graphs`` compile the step graphs
+    as in :func:`optimize`."""
     from fxcache.plan import Plan, PlanError
 
     plan = Plan.load(path)
@@ -205,7 +226,11 @@ def load(path, model):
         raise InputError(f"load() needs a denoiser nn.Module or a pipeline, got {type(model).__qualname__}")
     if plan.model and type(target).__name__ != plan.model:
         raise PlanError(f"{path}: the plan was made for a {plan.model}, not a {type(target).__name__}")
-    bound = PlannedDenoiser(target, plan)
+    compile_kwargs = None
+    if backend is not None:
+        _Compiler.make(backend, mode, cuda_graphs, None, target)
+        compile_kwargs = {"backend": backend, "mode": mode, "cuda_graphs": cuda_graphs}
+    bound = PlannedDenoiser(target, plan, compile_kwargs)
     if attr is not None:
         setattr(model, attr, bound)
         return model

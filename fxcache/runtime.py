@@ -9,9 +9,10 @@ detected when the step input restarts (or reverses direction), and ``reset()`` s
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -87,6 +88,48 @@ class _Entry:
     steps: list[int]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Compiler:
+    """How step graphs are compiled: ``torch.compile(graph, backend, fullgraph=True, dynamic=False, ...)``."""
+
+    backend: str | Callable
+    mode: str | None
+    cuda_graphs: bool
+    options: dict | None
+
+    @classmethod
+    def make(cls, backend, mode, cuda_graphs: bool, options, model) -> _Compiler:
+        if backend == "tensorrt":
+            if importlib.util.find_spec("torch_tensorrt") is None:
+                raise InputError("backend='tensorrt' needs the torch-tensorrt package, which is not installed: "
+                                 "pip install 'fxcache[tensorrt]' (CUDA only)")
+            import torch_tensorrt  # noqa: F401 — registers the "torch_tensorrt" torch.compile backend
+
+            backend = "torch_tensorrt"
+        elif not (callable(backend) or isinstance(backend, str)):
+            raise InputError(f"backend must be a torch.compile backend name or callable, got {backend!r}")
+        elif isinstance(backend, str) and backend not in torch.compiler.list_backends(exclude_tags=()):
+            raise InputError(f"unknown torch.compile backend {backend!r}; available: "
+                             f"{', '.join(torch.compiler.list_backends())}, or 'tensorrt'")
+        if mode is not None and options:
+            raise InputError("give mode= or options=, not both (torch.compile accepts one)")
+        if cuda_graphs:
+            if backend != "inductor":
+                raise InputError(f"cuda_graphs=True needs backend='inductor', got {backend!r}")
+            if mode not in (None, "reduce-overhead", "max-autotune"):
+                raise InputError(f"cuda_graphs=True captures with mode='reduce-overhead' or 'max-autotune', not "
+                                 f"{mode!r}")
+            mode = mode or "reduce-overhead"
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            if device.type != "cuda":
+                raise InputError(f"cuda_graphs=True needs the model on a CUDA device; its parameters are on {device}")
+        return cls(backend, mode, cuda_graphs, options)
+
+    def __call__(self, gm: torch.fx.GraphModule) -> Callable:
+        kwargs = {"options": self.options} if self.options else {"mode": self.mode} if self.mode else {}
+        return torch.compile(gm, backend=self.backend, fullgraph=True, dynamic=False, **kwargs)
+
+
 class OptimizedDenoiser(torch.nn.Module):
     """Runs ``plan`` on a traced denoiser (see the module docstring). ``.stats()`` describes the last run."""
 
@@ -143,6 +186,8 @@ class OptimizedDenoiser(torch.nn.Module):
         self._step_index = input_names.index(traced.step_input) if traced.step_input in input_names else None
         self._max_order = {k: plan.max_order(k) for k in plan.read_points()}
         self._tracker = StepTracker()
+        self._compiler: _Compiler | None = None
+        self._compiled: dict[Variant, Callable] = {}
         self._clear_run_state()
 
     def _specialize(self, variant: Variant, graph_cache: dict | None):
@@ -294,7 +339,9 @@ class OptimizedDenoiser(torch.nn.Module):
                 named[f"cache:{key}[0].d0"] = entry.factors[0][0]
         inputs = list(leaves) + [named[k] for k in io["inputs"][len(leaves):]]  # in the graph's own input order
         with torch.no_grad():
-            flat = gm(*inputs)
+            flat = self._callable(variant)(*inputs)
+        if self._compiler is not None and self._compiler.cuda_graphs:
+            flat = tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in flat)  # replays reuse buffers
         if store:
             produced = dict(zip(io["outputs"], flat))  # outputs by name: write:<point>[i]
             for point_key in variant.writes:
@@ -303,6 +350,35 @@ class OptimizedDenoiser(torch.nn.Module):
                 values = [produced[f"write:{point_key}[{i}]"] for i in range(len(self._points[point_key].nodes))]
                 self._store(cache, point_key, values, step, keep)
         return flat
+
+    # -- compilation --------------------------------------------------------------------------------------------
+    def compile(self, backend: str | Callable = "inductor", *, mode: str | None = None, cuda_graphs: bool = False,
+                options: dict | None = None) -> OptimizedDenoiser:
+        """Compile every step graph with ``torch.compile(fullgraph=True, dynamic=False)`` and ``backend`` (a
+        torch.compile backend name or callable; ``"tensorrt"`` = torch-tensorrt). Each variant is one static graph:
+        the cache enters and leaves as ordinary inputs and outputs, so a sampling run after warm-up triggers no graph
+        break and no recompilation (one compiled graph per variant). ``cuda_graphs=True`` (inductor, CUDA only)
+        captures each variant in a CUDA graph (``mode="reduce-overhead"``); outputs are copied out of the graph's
+        static buffers before they are cached. Gate decisions, token selection and the CFG cache's FFT run between
+        the compiled graphs. Returns ``self``."""
+        self._compiler = _Compiler.make(backend, mode, cuda_graphs, options, self.traced.model)
+        self._compiled = {}
+        return self
+
+    def _callable(self, variant: Variant):
+        if self._compiler is None:
+            return self._graphs[variant]
+        fn = self._compiled.get(variant)
+        if fn is None:
+            fn = self._compiled[variant] = self._compiler(self._graphs[variant])
+        if self._compiler.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return fn
+
+    @property
+    def compiled_variants(self) -> int:
+        """How many step graphs have been compiled so far (0 when not compiled)."""
+        return len(self._compiled)
 
     def _num_tokens(self, plan: Plan, token_points) -> tuple[tuple[int, int], ...]:
         counts = sorted({self._points[k].shapes[0][1] for k in token_points})

@@ -18,8 +18,22 @@ import os
 
 import torch
 
-__all__ = ["CONFIG", "DIT_CONFIG", "DIT_WEIGHTS", "TEXT_TOKENS", "WEIGHTS", "digits_dit_model", "digits_dit_sampler",
-           "dit_scheduler", "digits_model", "digits_sampler", "make_tables", "pack", "position_ids", "unpack"]
+__all__ = [
+    "CONFIG",
+    "DIT_CONFIG",
+    "DIT_WEIGHTS",
+    "TEXT_TOKENS",
+    "WEIGHTS",
+    "digits_dit_model",
+    "digits_dit_sampler",
+    "digits_model",
+    "digits_sampler",
+    "dit_scheduler",
+    "make_tables",
+    "pack",
+    "position_ids",
+    "unpack",
+]
 
 CONFIG = {
     "patch_size": 1, "in_channels": 4, "num_layers": 2, "num_single_layers": 4, "attention_head_dim": 16,

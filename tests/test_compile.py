@@ -1,0 +1,125 @@
+"""Compiled step variants (issue 6): every variant is one static graph — torch.compile(fullgraph=True) compiles each
+exactly once, a whole sampling run after warm-up has no graph break and no recompilation, and the compiled plan
+gives the eager plan's output."""
+
+import shutil
+
+import pytest
+import torch
+from profiling import dit, sampler
+
+import fxcache
+from fxcache._compat import dynamo_counters, error_on_recompile
+from fxcache.methods import FORA, FBCache, TaylorSeer, ToCa
+from fxcache.testing import zoo
+from fxcache.testing.samplers import zoo_sampler
+
+pytest.importorskip("diffusers")
+
+
+def _run(denoiser, smp, prompt=3, seed=0):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return smp(denoiser, prompt)
+
+
+def _compiled_twice(opt, smp, backend="aot_eager"):
+    """Eager plan output, then the compiled plan run twice (the second under error_on_recompile)."""
+    eager = _run(opt, smp)
+    opt.compile(backend)
+    counters = dynamo_counters()
+    counters.clear()
+    first = _run(opt, smp)
+    graphs = counters["stats"]["unique_graphs"]
+    with error_on_recompile():
+        second = _run(opt, smp)
+    assert dict(counters["graph_break"]) == {}, dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled in the second run
+    return eager, first, second, graphs
+
+
+@pytest.mark.parametrize("name,method", [
+    ("dit", TaylorSeer(interval=3, order=2)), ("flux", FORA(interval=3)), ("wan", TaylorSeer(interval=3)),
+    ("unet2d_condition", FORA(interval=2)), ("pixart", ToCa(interval=3)),
+])
+def test_static_plan_compiles_once_per_variant_without_breaks(name, method):
+    model = zoo.build(name)[0]
+    smp = zoo_sampler(name, steps=8, cfg="separate")
+    opt = fxcache.optimize(model, [3], sampler=smp, method=method, progress=False)
+    eager, first, second, graphs = _compiled_twice(opt, smp)
+    assert graphs == len(opt.variants) == opt.compiled_variants  # one compiled graph per step variant
+    torch.testing.assert_close(first, eager, rtol=1e-6, atol=1e-6)
+    assert torch.equal(first, second)
+
+
+def test_gated_plan_compiles_its_prefix_and_suffix_graphs():
+    """FBCache: the prefix graph, the computing suffix and the cached suffix are separate static graphs; the
+    per-step decision runs between them, outside any compiled graph."""
+    model, smp = dit(), sampler("euler", steps=10, cfg="separate")
+    opt = fxcache.optimize(model, [3], sampler=smp, method=FBCache(threshold=0.3), progress=False)
+    eager, first, _second, graphs = _compiled_twice(opt, smp)
+    assert 0 < opt.stats()["full_steps"] < opt.stats()["steps"]  # it did skip
+    assert graphs == opt.compiled_variants <= len(opt.variants)
+    torch.testing.assert_close(first, eager, rtol=1e-6, atol=1e-6)
+
+
+def test_optimize_and_load_take_a_backend(tmp_path):
+    model, smp = dit(), sampler("euler", steps=8, cfg="separate")
+    opt = fxcache.optimize(model, [3], sampler=smp, method=FORA(interval=3), backend="aot_eager", progress=False)
+    want = _run(opt, smp)
+    assert opt.compiled_variants == len(opt.variants)
+    opt.plan.save(tmp_path / "plan.json")
+    loaded = fxcache.load(tmp_path / "plan.json", model, backend="aot_eager")
+    torch.testing.assert_close(_run(loaded, smp), want, rtol=1e-6, atol=1e-6)
+    assert loaded.optimized.compiled_variants == len(loaded.optimized.variants)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor on CPU needs a C++ compiler")
+def test_inductor_on_cpu_matches_eager():
+    model, smp = dit(), sampler("euler", steps=6, cfg="none")
+    opt = fxcache.optimize(model, [3], sampler=smp, method=FORA(interval=3), progress=False)
+    eager, first, _second, graphs = _compiled_twice(opt, smp, backend="inductor")
+    assert graphs == len(opt.variants)
+    torch.testing.assert_close(first, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_backends_are_refused_before_calibration():
+    model, smp = dit(), sampler("euler", steps=4)
+    with pytest.raises(fxcache.InputError, match="unknown torch.compile backend 'nope'"):
+        fxcache.optimize(model, [3], sampler=smp, method=FORA(), backend="nope", progress=False)
+    with pytest.raises(fxcache.InputError, match="give backend= too"):
+        fxcache.optimize(model, [3], sampler=smp, method=FORA(), cuda_graphs=True, progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(fxcache.InputError, match="needs the model on a CUDA device"):
+            fxcache.optimize(model, [3], sampler=smp, method=FORA(), backend="inductor", cuda_graphs=True,
+                             progress=False)
+    try:
+        import torch_tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(fxcache.InputError, match="torch-tensorrt"):
+            fxcache.optimize(model, [3], sampler=smp, method=FORA(), backend="tensorrt", progress=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_match_eager_on_gpu():
+    from profiling import dit_call
+
+    model = dit().cuda()
+
+    def smp(denoiser, prompt, steps=8):
+        x = torch.randn(1, 4, 8, 8, device="cuda")
+        sigmas = torch.linspace(1.0, 0.0, steps + 1)
+        for i in range(steps):
+            t = (sigmas[i] * 1000).expand(1).cuda()
+            cond, uncond = dit_call(denoiser, x, t, prompt, False), dit_call(denoiser, x, t, prompt, True)
+            x = x + (sigmas[i + 1] - sigmas[i]) * (uncond + 3.0 * (cond - uncond))
+        return x
+
+    opt = fxcache.optimize(model, [3], sampler=smp, method=TaylorSeer(interval=3), progress=False)
+    eager = _run(opt, smp)
+    opt.compile("inductor", cuda_graphs=True)
+    first, second = _run(opt, smp), _run(opt, smp)
+    torch.testing.assert_close(first, eager, rtol=1e-3, atol=1e-3)
+    assert torch.equal(first, second)
