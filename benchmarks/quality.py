@@ -42,6 +42,7 @@ import math
 import os
 import platform
 import re
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -104,7 +105,7 @@ class _CacheContexts:
             return self.model(**kwargs)
 
 
-def fxcache_configs(model, sampler, prof, speedups, quick: bool) -> list[Config]:
+def fxcache_configs(model, sampler, prof, speedups, quick: bool, only: list[str] | None = None) -> list[Config]:
     out = []
     for s in speedups:
         def enter(s=s):
@@ -124,6 +125,9 @@ def fxcache_configs(model, sampler, prof, speedups, quick: bool) -> list[Config]
                    M.TeaCache(threshold=t), M.EasyCache(threshold=t / 4, warmup=2),
                    M.MagCache(threshold=t, max_skips=6, retention=0.1), M.Foresight(gamma=t, warmup=2)]
     for method in sweeps:
+        if only is not None and type(method).__name__ not in only:
+            continue
+
         def enter(method=method):
             return fxcache.optimize(model, CALIB, sampler=sampler, method=method, profile=prof, progress=False)
         out.append(Config(f"fxcache {type(method).__name__}", repr(method), enter, reset=lambda d: d.reset()))
@@ -243,7 +247,7 @@ def run_config(config: Config, sampler, prompts, refs, full_flops: int) -> dict[
                 got, flops = count_flops(sampler, denoiser, prompt)
                 fraction = flops / full_flops
                 if isinstance(denoiser, fxcache.OptimizedDenoiser):
-                    own = denoiser.stats()["computed_fraction"]
+                    own = row["fxcache_computed_fraction"] = denoiser.stats()["computed_fraction"]
                     if abs(own - fraction) > 1e-6 * fraction:
                         raise RuntimeError(f"fxcache's computed_fraction {own} != FLOP counter's {fraction}")
             else:  # fxcache counts the same FLOPs itself (checked on the first prompt above; and in the tests)
@@ -350,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speedups", type=float, nargs="+", default=[2.0, 3.0, 4.0])
     parser.add_argument("--peers", nargs="*", default=["diffusers", "cache-dit"])
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer configurations")
+    parser.add_argument("--methods", nargs="*", help="only these fxcache methods (class names; default: all)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -367,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("uncached: %.1f MFLOPs per sample", full_flops / 1e6)
 
     prof = fxcache.profile(model, CALIB, sampler=sampler, progress=False)
-    configs = fxcache_configs(model, sampler, prof, args.speedups, args.quick)
+    configs = fxcache_configs(model, sampler, prof, args.speedups, args.quick, args.methods)
     if "diffusers" in args.peers:
         configs += diffusers_configs(model, args.steps, sampler, args.quick)
     if "cache-dit" in args.peers:
@@ -381,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"quality_{args.model}")
-    result = {"command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else []),
+    result = {"command": "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "machine": machine, "model": args.model, "steps": args.steps, "prompts": prompts,
               "calibration_prompts": CALIB, "budget": BUDGET, "uncached_flops": full_flops,
               "selected": {s: {f: (r["label"] if r else None) for f, r in t.items()} for s, t in table.items()},

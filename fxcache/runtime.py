@@ -375,6 +375,19 @@ class OptimizedDenoiser(torch.nn.Module):
             torch.compiler.cudagraph_mark_step_begin()
         return fn
 
+    def cache_bytes(self) -> int:
+        """Bytes of the tensors this run's caches hold now (all branches; storages counted once)."""
+        seen, total = set(), 0
+        for per_branch in self._cache.values():
+            for entry in per_branch.values():
+                for factors in entry.factors:
+                    for t in factors:
+                        key = (t.untyped_storage().data_ptr(), t.device)
+                        if key not in seen:
+                            seen.add(key)
+                            total += t.untyped_storage().nbytes()
+        return total
+
     @property
     def compiled_variants(self) -> int:
         """How many step graphs have been compiled so far (0 when not compiled)."""

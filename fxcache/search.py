@@ -32,7 +32,7 @@ from fxcache import methods as M
 from fxcache.analysis.calibrate import _final_tensor
 from fxcache.analysis.profile import Profile
 from fxcache.errors import InputError
-from fxcache.plan import ORDER, Plan
+from fxcache.plan import Plan
 from fxcache.runtime import OptimizedDenoiser
 
 log = logging.getLogger(__name__)
@@ -98,16 +98,10 @@ def _step_weights(prof: Profile, keys: Sequence[str]) -> np.ndarray:
     return np.where(np.isfinite(w), w, 0.0)
 
 
-def _scheduled(ctx: M.PlanContext, keys: list[str], action: str, full: Sequence[int]) -> Plan:
-    """``action`` on ``keys`` at every step not in ``full``, its order lowered while too few computations exist."""
-    def action_for(computed: int) -> str:
-        order = min(ORDER[action], computed - 1)
-        return action if order == ORDER[action] else ("reuse" if order <= 0 else "taylor1")
-
-    full = set(full)
-    steps = M.forecast_schedule([s in full for s in range(ctx.num_steps)], keys, action_for)
-    return Plan(fingerprint=ctx.fingerprint, num_steps=ctx.num_steps, steps=steps, method="fxcache-auto",
-                timesteps=list(ctx.timesteps))
+def _scheduled(ctx: M.PlanContext, granularity: str, action: str, full: Sequence[int]) -> Plan:
+    plan = M.Scheduled(full=tuple(full), action=action, granularity=granularity).plan(ctx)
+    plan.method = "fxcache-auto"
+    return plan
 
 
 def _placements(t: int, k: int, weights: np.ndarray, warmup: int) -> dict[str, list[int]]:
@@ -240,7 +234,7 @@ def search(prof: Profile, run_loop: Callable[[Any, int], torch.Tensor], num_prom
         t = prof.num_steps
         for gran, keys in _granularities(ctx).items():
             weights = _step_weights(prof, keys)
-            probe = build(f"{gran}:reuse:probe", _scheduled(ctx, keys, "reuse", [0]))
+            probe = build(f"{gran}:reuse:probe", _scheduled(ctx, gran, "reuse", [0]))
             if probe is None:
                 continue
             if t < 2:
@@ -255,7 +249,7 @@ def search(prof: Profile, run_loop: Callable[[Any, int], torch.Tensor], num_prom
                 for place, full in _placements(t, kk, weights, warmup=min(2, kk)).items():
                     for action in _ACTIONS:
                         name = f"{gran} {action}, {kk}/{t} full ({place})"
-                        c = build(name, _scheduled(ctx, keys, action, full))
+                        c = build(name, _scheduled(ctx, gran, action, full))
                         if c is not None and fraction * 0.95 <= c.fraction <= fraction * 1.05:
                             found.append(c)
         return found

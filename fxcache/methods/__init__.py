@@ -11,9 +11,11 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from fxcache.analysis.points import CachePoint
 from fxcache.errors import InputError
-from fxcache.plan import Plan
+from fxcache.plan import ORDER, Plan
 
 __all__ = [
     "FORA",
@@ -31,6 +33,7 @@ __all__ = [
     "MagCache",
     "Method",
     "PlanContext",
+    "Scheduled",
     "TaylorSeer",
     "TeaCache",
     "ToCa",
@@ -108,6 +111,56 @@ class Full(Method):
 
     def schedule(self, ctx: PlanContext) -> list[dict[str, str]]:
         return [{} for _ in range(ctx.num_steps)]
+
+
+_GRANULARITY = ("layer", "block", "stack")
+_SCHEDULED_ACTIONS = ("reuse", "taylor1", "taylor2", "ab2", "hermite")
+
+
+@dataclasses.dataclass(repr=False)
+class Scheduled(Method):
+    """A fixed schedule: ``full`` steps computed entirely — a number (placed uniformly, first and last step
+    included) or the step indices — and every other step reads each ``granularity`` point (``"stack"``: a whole
+    stack of repeated blocks, ``"block"`` or ``"layer"``) with ``action`` (``"reuse"``, ``"taylor1"``, ``"taylor2"``,
+    ``"ab2"``, ``"hermite"``; the order is lowered while too few computations exist). ``"6/28 full steps"``, as
+    cache-dit's ``steps_computation_mask`` sets it, is ``Scheduled(full=6)``. The plan search builds its scheduled
+    candidates with it."""
+
+    full: int | tuple[int, ...] = 6
+    action: str = "reuse"
+    granularity: str = "stack"
+
+    def full_steps(self, num_steps: int) -> list[int]:
+        if isinstance(self.full, int):
+            if not 1 <= self.full <= num_steps:
+                raise InputError(f"Scheduled(full={self.full}) needs 1 <= full <= {num_steps} (the number of steps)")
+            k = self.full
+            return sorted({round(float(x)) for x in np.linspace(0, num_steps - 1, k)}) if k > 1 else [0]
+        steps = sorted(set(self.full))
+        if not steps or steps[0] != 0 or steps[-1] >= num_steps:
+            raise InputError(f"Scheduled(full={self.full}) must list step indices in [0, {num_steps}) including 0 "
+                             "(the first step has nothing cached)")
+        return steps
+
+    def points(self, ctx: PlanContext) -> list[CachePoint]:
+        if self.granularity not in _GRANULARITY:
+            raise InputError(f"granularity must be one of {_GRANULARITY}, got {self.granularity!r}")
+        pts = [p for p in ctx.of_kind(self.granularity) if self.granularity == "layer" or p.residual]
+        if not pts:
+            raise InputError(f"this model has no {self.granularity} cache points")
+        return pts
+
+    def schedule(self, ctx):
+        if self.action not in _SCHEDULED_ACTIONS:
+            raise InputError(f"action must be one of {_SCHEDULED_ACTIONS}, got {self.action!r}")
+        full = set(self.full_steps(ctx.num_steps))
+
+        def action_for(computed: int) -> str:
+            order = min(ORDER[self.action], computed - 1)
+            return self.action if order == ORDER[self.action] else ("reuse" if order <= 0 else "taylor1")
+
+        keys = [p.key for p in self.points(ctx)]
+        return forecast_schedule([s in full for s in range(ctx.num_steps)], keys, action_for)
 
 
 @dataclasses.dataclass(repr=False)
@@ -296,8 +349,6 @@ class MagCache(Method):
         if prof is None or not stacks:
             raise InputError("MagCache needs a profile with a stack residual")
         import warnings
-
-        import numpy as np
 
         with warnings.catch_warnings():  # step 0 has no ratio (all-NaN column)
             warnings.simplefilter("ignore", RuntimeWarning)

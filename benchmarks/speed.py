@@ -1,0 +1,374 @@
+"""Wall-clock speed of fxcache's compiled step variants against uncached eager/compiled runs and peers.
+
+    python benchmarks/speed.py --model flux-dev --device cuda --dtype bf16     # FLUX.1-dev size, 1024², 28 steps
+    python benchmarks/speed.py --model dit-xl --device cuda --dtype bf16       # DiT-XL/2, 256², batch 2 (CFG)
+    python benchmarks/speed.py --model tiny-flux --steps 8 --repeats 2         # CPU smoke run (seconds)
+
+Models have random weights (speed does not depend on them). The loop is rectified-flow Euler; DiT runs batched CFG
+(one call on a doubled batch per step) as ``DiTPipeline`` does; FLUX runs one call per step (guidance-distilled).
+
+Rows, all in one process, in this order:
+
+* **uncached eager** and **uncached torch.compile** (``--backend``, whole model);
+* **fxcache** ``Scheduled(full=k, action=a)`` for each ``--full`` k and action (reuse, taylor1): the stack residual
+  is computed at k uniformly spaced steps and reused / forecast at the others; eager step graphs, compiled step
+  graphs (``fullgraph=True``), and on CUDA compiled + CUDA graphs;
+* **diffusers** ``TaylorSeerCacheConfig(cache_interval≈steps/k)`` eager and with ``compile_repeated_blocks``;
+* **cache-dit** ``DBCache`` F1B0 with a static ``steps_computation_mask`` of k full steps, eager and with the
+  transformer compiled.
+
+Columns: median wall time of ``--repeats`` runs after warm-up; **ideal** = the sum, over the run's calls, of the
+standalone time of the graph each call used (so wall / ideal ≤ 1.05 means the runtime adds ≤ 5 %); speedup against
+uncached torch.compile; peak accelerator memory; bytes held by fxcache's cache at the end of a run. Results go to
+``benchmarks/results/speed_<model>_<device>.json`` (+ ``.md``) with the machine named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+import fxcache
+from fxcache import methods as M
+
+log = logging.getLogger("speed")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# models and the sampling loop
+
+
+def build(name: str, device: str, dtype: torch.dtype):
+    """``(model, make_call_kwargs(x, t), sample shape, batched_cfg)``."""
+    from diffusers import DiTTransformer2DModel, FluxTransformer2DModel
+
+    gen = torch.Generator().manual_seed(0)
+    if name in ("flux-dev", "tiny-flux"):
+        if name == "flux-dev":  # FLUX.1-dev: 19 double + 38 single blocks, 1024² -> 4096 image + 512 text tokens
+            cfg = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38,
+                   "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
+                   "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": (16, 56, 56)}
+            side, text = 64, 512
+        else:
+            cfg = {"patch_size": 1, "in_channels": 16, "num_layers": 2, "num_single_layers": 4,
+                   "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
+                   "pooled_projection_dim": 16, "guidance_embeds": True, "axes_dims_rope": (4, 6, 6)}
+            side, text = 8, 8
+        model = _make(FluxTransformer2DModel, cfg, device, dtype)
+        tokens = side * side
+        img_ids = torch.zeros(tokens, 3, device=device)
+        img_ids[:, 1] = (torch.arange(tokens) // side).to(device)
+        img_ids[:, 2] = (torch.arange(tokens) % side).to(device)
+        enc = torch.randn(1, text, cfg["joint_attention_dim"], generator=gen).to(device, dtype)
+        pooled = torch.randn(1, cfg["pooled_projection_dim"], generator=gen).to(device, dtype)
+        txt_ids, guidance = torch.zeros(text, 3, device=device), torch.full((1,), 3.5, device=device)
+
+        def kwargs(x, t):
+            return {"hidden_states": x, "encoder_hidden_states": enc, "pooled_projections": pooled,
+                    "timestep": t.expand(1).to(dtype), "img_ids": img_ids, "txt_ids": txt_ids, "guidance": guidance}
+
+        return model, kwargs, (1, tokens, cfg["in_channels"]), False
+    if name in ("dit-xl", "tiny-dit"):
+        if name == "dit-xl":  # DiT-XL/2 at 256²: 32² latent, 28 blocks, hidden 1152
+            cfg = {"num_attention_heads": 16, "attention_head_dim": 72, "in_channels": 4, "out_channels": 8,
+                   "num_layers": 28, "sample_size": 32, "patch_size": 2, "num_embeds_ada_norm": 1000,
+                   "norm_type": "ada_norm_zero"}
+        else:
+            cfg = {"num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 4, "out_channels": 8,
+                   "num_layers": 4, "sample_size": 8, "patch_size": 2, "num_embeds_ada_norm": 1000,
+                   "norm_type": "ada_norm_zero"}
+        model = _make(DiTTransformer2DModel, cfg, device, dtype)
+        labels = torch.tensor([207, 1000], device=device)  # class, null class: batched CFG
+
+        def kwargs(x, t):
+            return {"hidden_states": torch.cat([x, x]), "timestep": (t * 1000).expand(2),
+                    "class_labels": labels}
+
+        s = cfg["sample_size"]
+        return model, kwargs, (1, 4, s, s), True
+    raise SystemExit(f"unknown model {name!r}")
+
+
+def _make(cls, cfg, device, dtype):
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = cls(**cfg)
+    return model.to(dtype).eval()
+
+
+def make_loop(kwargs: Callable, shape, batched_cfg: bool, steps: int, device: str, dtype: torch.dtype):
+    def loop(denoiser, prompt=0):
+        gen = torch.Generator().manual_seed(int(prompt))
+        x = torch.randn(shape, generator=gen).to(device, dtype)
+        sigmas = torch.linspace(1.0, 0.0, steps + 1, device=device)
+        for i in range(steps):
+            out = denoiser(**kwargs(x, sigmas[i]))
+            v = out[0] if isinstance(out, tuple) else out.sample
+            if batched_cfg:
+                cond, uncond = v[:, : x.shape[1]].chunk(2)
+                v = uncond + 4.0 * (cond - uncond)
+            x = x + (sigmas[i + 1] - sigmas[i]) * v
+        return x
+
+    return loop
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# timing
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable, device: str, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        _sync(device)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def standalone(fn: Callable, args, device: str, repeats: int = 10) -> float:
+    return timed(lambda: fn(*args), device, repeats, warmup=2)[0]
+
+
+def fxcache_ideal(opt, loop, device: str) -> float:
+    """Σ over the run's graph calls of each graph's standalone time (inputs recorded from one real run)."""
+    seen: dict = {}
+    counts: dict = {}
+    original = opt._callable
+
+    def spy(variant):
+        fn = original(variant)
+
+        def call(*inputs):
+            counts[variant] = counts.get(variant, 0) + 1
+            seen.setdefault(variant, (fn, inputs))
+            return fn(*inputs)
+
+        return call
+
+    opt._callable = spy
+    try:
+        opt.reset()
+        with torch.no_grad():
+            loop(opt)
+    finally:
+        del opt._callable
+    return sum(counts[v] * standalone(fn, inputs, device) for v, (fn, inputs) in seen.items())
+
+
+def memory_row(device: str) -> dict:
+    if device != "cuda":
+        return {}
+    return {"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rows
+
+
+def run(args) -> dict:
+    device, dtype = args.device, DTYPES[args.dtype]
+    model, kwargs, shape, batched = build(args.model, device, dtype)
+    loop = make_loop(kwargs, shape, batched, args.steps, device, dtype)
+    backend = args.backend or ("inductor" if device == "cuda" else "aot_eager")
+    rows: list[dict] = []
+
+    def record(name: str, fn: Callable, ideal: float | None = None, **extra) -> dict:
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        wall, times = timed(fn, device, args.repeats, warmup=args.warmup)
+        row = {"row": name, "wall_s": wall, "times_s": times, "ideal_s": ideal,
+               "ratio_to_ideal": wall / ideal if ideal else None, **memory_row(device), **extra,
+               "total_s": time.perf_counter() - start}
+        rows.append(row)
+        log.info("%-58s %8.4f s%s", name, wall, f"  (x{wall / ideal:.3f} ideal)" if ideal else "")
+        return row
+
+    # uncached
+    with torch.no_grad():
+        x0 = torch.randn(shape).to(device, dtype)
+        probe = kwargs(x0, torch.tensor(0.5, device=device))
+    full_call = timed(lambda: model(**probe), device, 10, warmup=2)[0]
+    record("uncached eager", lambda: loop(model), ideal=full_call * args.steps)
+    compiled = torch.compile(model, backend=backend)
+    compiled_call = timed(lambda: compiled(**probe), device, 10, warmup=2)[0]
+    base = record(f"uncached torch.compile ({backend})", lambda: loop(compiled), ideal=compiled_call * args.steps)
+
+    # fxcache: a profile of the stack residuals only (light), then fixed schedules
+    prof = fxcache.profile(model, [0], sampler=loop, granularity=("stack",), horizons=(1,), spacings=(1,),
+                           sensitivity=0, progress=False)
+    modes = [("eager", None, False), (f"compiled ({backend})", backend, False)]
+    if device == "cuda" and backend == "inductor":
+        modes.append(("compiled + CUDA graphs", "inductor", True))
+    for k in args.full:
+        for action in ("reuse", "taylor1"):
+            for label, be, cg in modes:
+                opt = fxcache.optimize(model, [0], sampler=loop, method=M.Scheduled(full=k, action=action),
+                                       profile=prof, progress=False)
+                if be is not None:
+                    opt.compile(be, cuda_graphs=cg)
+                with torch.no_grad():
+                    loop(opt)  # warm-up: compiles every variant
+                stats = opt.stats()
+                cache_bytes = opt.cache_bytes()
+                ideal = fxcache_ideal(opt, loop, device)
+                record(f"fxcache Scheduled({k}/{args.steps}, {action}) {label}", lambda opt=opt: loop(opt),
+                       ideal=ideal, computed_fraction=stats["computed_fraction"], cache_bytes=cache_bytes,
+                       variants=len(opt.variants))
+                del opt
+    if "diffusers" in args.peers:
+        rows.extend(diffusers_rows(model, loop, args, record))
+    if "cache-dit" in args.peers:
+        rows.extend(cache_dit_rows(model, loop, args, record, backend))
+    for row in rows:
+        row["speedup_vs_uncached_compiled"] = base["wall_s"] / row["wall_s"] if "wall_s" in row else None
+    return {"rows": rows, "backend": backend}
+
+
+def diffusers_rows(model, loop, args, record) -> list[dict]:
+    from diffusers import TaylorSeerCacheConfig
+
+    out = []
+
+    def ctx_loop(denoiser):
+        def call(**kw):
+            with model.cache_context("cond"):
+                return denoiser(**kw)
+        return loop(call)
+
+    for k in args.full:
+        interval = max(1, round(args.steps / k))
+        name = f"diffusers TaylorSeerCache(interval={interval}) "
+        try:
+            model.enable_cache(TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=1,
+                                                     max_order=1, taylor_factors_dtype=torch.float32))
+        except Exception as e:  # noqa: BLE001 — a peer's refusal is a result
+            out.append({"row": name + "eager", "error": f"{type(e).__name__}: {e}"})
+            continue
+        try:
+            record(name + "eager", lambda: ctx_loop(model))
+            if hasattr(model, "compile_repeated_blocks"):
+                try:
+                    model.compile_repeated_blocks()
+                    record(name + "+ compile_repeated_blocks", lambda: ctx_loop(model))
+                except Exception as e:  # noqa: BLE001
+                    out.append({"row": name + "+ compile_repeated_blocks", "error": f"{type(e).__name__}: {e}"})
+        finally:
+            model.disable_cache()
+            _uncompile(model)
+    return out
+
+
+def cache_dit_rows(model, loop, args, record, backend) -> list[dict]:
+    import cache_dit
+    from cache_dit import DBCacheConfig
+
+    out = []
+    for k in args.full:
+        full = {round(x * (args.steps - 1) / max(1, k - 1)) for x in range(k)}
+        mask = [int(i in full) for i in range(args.steps)]
+        name = f"cache-dit DBCache F1B0 mask {k}/{args.steps} "
+        config = DBCacheConfig(num_inference_steps=args.steps, Fn_compute_blocks=1, Bn_compute_blocks=0,
+                               max_warmup_steps=1, steps_computation_mask=mask, steps_computation_policy="static")
+        try:
+            cache_dit.enable_cache(model, cache_config=config)
+        except Exception as e:  # noqa: BLE001
+            out.append({"row": name + "eager", "error": f"{type(e).__name__}: {e}"})
+            continue
+        try:
+            def fresh(denoiser):
+                cache_dit.refresh_context(model)
+                return loop(denoiser)
+
+            record(name + "eager", lambda: fresh(model))
+            compiled = torch.compile(model, backend=backend)
+            record(name + f"+ torch.compile ({backend})", lambda compiled=compiled: fresh(compiled))
+        except Exception as e:  # noqa: BLE001
+            out.append({"row": name, "error": f"{type(e).__name__}: {e}"})
+        finally:
+            cache_dit.disable_cache(model)
+    return out
+
+
+def _uncompile(model) -> None:
+    for m in model.modules():
+        with contextlib.suppress(AttributeError):
+            if getattr(m, "_compiled_call_impl", None) is not None:
+                m._compiled_call_impl = None
+
+
+def markdown(result: dict) -> str:
+    lines = [(f"`{result['command']}` on {result['machine']} ({result['model']}, {result['steps']} steps, "
+             f"{result['dtype']})"), "",
+             "| row | wall (s) | × ideal | speedup vs uncached compiled | peak mem (GiB) | cache (MiB) |",
+             "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['row']} | refused: {r['error'][:80]} | | | | |")
+            continue
+        ratio = f"{r['ratio_to_ideal']:.3f}" if r.get("ratio_to_ideal") else ""
+        mem = f"{r['peak_memory_gib']:.1f}" if "peak_memory_gib" in r else ""
+        cache = f"{r['cache_bytes'] / 2**20:.3g}" if "cache_bytes" in r else ""
+        lines.append(f"| {r['row']} | {r['wall_s']:.4f} | {ratio} | {r['speedup_vs_uncached_compiled']:.2f}× | "
+                     f"{mem} | {cache} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny-flux", choices=("flux-dev", "dit-xl", "tiny-flux", "tiny-dit"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=DTYPES)
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--full", type=int, nargs="+", default=[6, 10], help="numbers of fully computed steps")
+    parser.add_argument("--backend", help="torch.compile backend (default: inductor on CUDA, aot_eager on CPU)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--peers", nargs="*", default=["diffusers", "cache-dit"])
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("fxcache", "diffusers", "cache_dit", "CACHE_DIT", "torch._dynamo", "torch._inductor"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    machine = (torch.cuda.get_device_name() if args.device == "cuda"
+               else f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores")
+    start = time.time()
+    result = {"command": "python benchmarks/speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "machine": machine, "torch": torch.__version__, "model": args.model, "steps": args.steps,
+              "dtype": args.dtype, "device": args.device, **run(args)}
+    result["seconds"] = time.time() - start
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"speed_{args.model}_{args.device}")
+    for path, text in ((stem + ".json", json.dumps(result, indent=1)), (stem + ".md", markdown(result))):
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    log.info("\n%s\nwrote %s.{json,md} in %.0f s", markdown(result), stem, result["seconds"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
