@@ -147,7 +147,7 @@ def diffusers_configs(model, steps: int, sampler, quick: bool) -> list[Config]:
             model.enable_cache(config_fn())
             denoiser.calls = 0
 
-        return {"enter": enter, "reset": reset, "exit": model.disable_cache}
+        return {"enter": enter, "reset": reset, "exit": lambda: model.disable_cache()}
 
     thresholds = (0.05, 0.2, 0.8) if quick else (0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
     intervals = (2, 4) if quick else (2, 3, 4, 5, 6, 7, 8)
