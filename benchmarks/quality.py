@@ -57,7 +57,7 @@ from fxcache.testing import digits
 
 log = logging.getLogger("quality")
 
-CALIB = [{"label": c, "seed": 100 + c} for c in (1, 4, 7)]
+CALIB = [{"label": c, "seed": 100 + c} for c in (1, 4, 7)]  # as `fxcache demo`; --calib N: labels 0..N-1 instead
 BUDGET = 1.05  # a configuration may compute up to 5 % more than 1/speedup, as fxcache's search target allows
 
 
@@ -164,7 +164,7 @@ def diffusers_configs(model, steps: int, sampler, quick: bool) -> list[Config]:
     try:
         ratios = _mag_ratios(model, steps, sampler)
     except Exception as e:  # noqa: BLE001 — a peer's failure is a result
-        out.append(Config("diffusers MagCache", "MagCacheConfig(calibrate=True)", _refuse(e)))
+        out.append(Config("diffusers MagCache", "MagCacheConfig(calibrate=True)", **_refuse(e)))
         return out
     for t in thresholds:
         for skips in (3, 6):
@@ -220,7 +220,7 @@ def cache_dit_configs(model, steps: int, quick: bool) -> list[Config]:
     return out
 
 
-def _refuse(error: Exception) -> dict:
+def _refuse(error: Exception) -> dict[str, Callable]:
     def enter():
         raise error
     return {"enter": enter}
@@ -355,11 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", nargs="*", default=["diffusers", "cache-dit"])
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer configurations")
     parser.add_argument("--methods", nargs="*", help="only these fxcache methods (class names; default: all)")
+    parser.add_argument("--calib", type=int, default=3, help="calibration prompts (seeds 100+, never held out)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("fxcache", "diffusers", "cache_dit", "CACHE_DIT"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
     torch.set_grad_enabled(False)
     start = time.time()
     if args.model == "flux":
@@ -371,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     full_flops = flops[0]
     log.info("uncached: %.1f MFLOPs per sample", full_flops / 1e6)
 
+    global CALIB
+    if args.calib != 3:
+        CALIB = [{"label": c % 10, "seed": 100 + c} for c in range(args.calib)]
     prof = fxcache.profile(model, CALIB, sampler=sampler, progress=False)
     configs = fxcache_configs(model, sampler, prof, args.speedups, args.quick, args.methods)
     if "diffusers" in args.peers:
@@ -413,4 +414,7 @@ def _write(path: str, text: str) -> None:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("fxcache", "diffusers", "cache_dit", "CACHE_DIT"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     raise SystemExit(main())

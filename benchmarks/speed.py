@@ -350,9 +350,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", nargs="*", default=["diffusers", "cache-dit"])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("fxcache", "diffusers", "cache_dit", "CACHE_DIT", "torch._dynamo", "torch._inductor"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
     machine = (torch.cuda.get_device_name() if args.device == "cuda"
                else f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores")
     start = time.time()
@@ -371,4 +368,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("fxcache", "diffusers", "cache_dit", "CACHE_DIT", "torch._dynamo", "torch._inductor"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     raise SystemExit(main())
