@@ -186,6 +186,7 @@ class OptimizedDenoiser(torch.nn.Module):
         self._step_index = input_names.index(traced.step_input) if traced.step_input in input_names else None
         self._max_order = {k: plan.max_order(k) for k in plan.read_points()}
         self._tracker = StepTracker()
+        self._accepted = None  # (tree spec, leaf shapes/values) of calls already checked against the traced key
         self._compiler: _Compiler | None = None
         self._compiled: dict[Variant, Callable] = {}
         self._clear_run_state()
@@ -231,14 +232,16 @@ class OptimizedDenoiser(torch.nn.Module):
     def forward(self, *user_args, **user_kwargs):
         traced = self.traced
         args, kwargs, want_dict = traced._signature.bind(user_args, user_kwargs, "call arguments")
-        key = _Signature.key(args, kwargs)
-        if key != traced._key:
-            if not self.plan.read_points():  # a plan without cache reads is the traced model itself
-                return traced(*user_args, **user_kwargs)
-            raise InputError(
-                "this call's input shapes or constant arguments differ from the calibration calls the plan was "
-                "built for (resolution, batch size, ...): re-optimize for this configuration")
-        leaves = _compat.pytree.tree_leaves((args, kwargs))
+        leaves, spec = _compat.pytree.tree_flatten((args, kwargs))
+        quick = (spec, tuple((x.shape, x.dtype, x.device) if isinstance(x, torch.Tensor) else repr(x) for x in leaves))
+        if quick != self._accepted:  # the full key (with argument paths) only when the call's structure changes
+            if _Signature.key(args, kwargs) != traced._key:
+                if not self.plan.read_points():  # a plan without cache reads is the traced model itself
+                    return traced(*user_args, **user_kwargs)
+                raise InputError(
+                    "this call's input shapes or constant arguments differ from the calibration calls the plan was "
+                    "built for (resolution, batch size, ...): re-optimize for this configuration")
+            self._accepted = quick
         t = None
         if self._step_index is not None:
             v = leaves[self._step_index]

@@ -86,6 +86,8 @@ class _Signature:
         return tuple(call_args), call_kwargs, want_dict
 
     def _check_leaves(self, args, kwargs, what):
+        if all(isinstance(leaf, _LEAF_TYPES) for leaf in _compat.pytree.tree_leaves((args, kwargs))):
+            return  # the common case, without building key paths
         for path, leaf in _compat.tree_flatten_with_path((args, kwargs))[0]:
             if not isinstance(leaf, _LEAF_TYPES):
                 raise InputError(
