@@ -54,6 +54,7 @@ import fxcache
 from fxcache import methods as M
 from fxcache.analysis.flops import count_flops
 from fxcache.testing import digits
+from fxcache.testing.peers import CacheContexts
 
 log = logging.getLogger("quality")
 
@@ -88,21 +89,6 @@ class Config:
     enter: Callable[[], Any]  # -> the denoiser to pass to the sampler
     reset: Callable[[Any], None] = lambda d: None
     exit: Callable[[], None] = lambda: None
-    note: str = ""
-
-
-class _CacheContexts:
-    """diffusers' hooks need each denoiser call inside ``model.cache_context(name)`` (pipelines do this); the
-    benchmark's loop calls the conditional then the unconditional branch at every step."""
-
-    def __init__(self, model):
-        self.model, self.calls = model, 0
-
-    def __call__(self, **kwargs):
-        name = ("cond", "uncond")[self.calls % 2]
-        self.calls += 1
-        with self.model.cache_context(name):
-            return self.model(**kwargs)
 
 
 def fxcache_configs(model, sampler, prof, speedups, quick: bool, only: list[str] | None = None) -> list[Config]:
@@ -140,7 +126,7 @@ def diffusers_configs(model, steps: int, sampler, quick: bool) -> list[Config]:
     def with_hooks(config_fn):
         def enter():
             model.enable_cache(config_fn())
-            return _CacheContexts(model)
+            return CacheContexts(model)
 
         def reset(denoiser):  # the public way to start a fresh run: remove and re-apply the hooks
             model.disable_cache()
@@ -183,7 +169,7 @@ def _mag_ratios(model, steps: int, sampler) -> list[float]:
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed), torch.no_grad():
-            sampler(_CacheContexts(model), CALIB[0])
+            sampler(CacheContexts(model), CALIB[0])
     finally:
         model.disable_cache()
     found = re.findall(r"\[([0-9eE.,\s+-]+)\]", printed.getvalue())
@@ -203,7 +189,7 @@ def cache_dit_configs(model, steps: int, quick: bool) -> list[Config]:
     for suffix, calibrator in calibrators.items():
         family = f"cache-dit DBCache{suffix}"
         for k in fulls:
-            full = {round(float(x)) for x in np.linspace(0, steps - 1, k)} if k > 1 else {0}
+            full = M.Scheduled(full=k).full_steps(steps)  # placed as fxcache's fixed schedules place them
             mask = [int(i in full) for i in range(steps)]
 
             def enter(mask=mask, calibrator=calibrator):
@@ -230,13 +216,18 @@ def _refuse(error: Exception) -> dict[str, Callable]:
 # running, selecting, writing
 
 
+def _describe(error: Exception) -> str:
+    text = str(error)
+    return f"{type(error).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
 def run_config(config: Config, sampler, prompts, refs, full_flops: int) -> dict[str, Any]:
     row: dict[str, Any] = {"family": config.family, "label": config.label}
     start = time.perf_counter()
     try:
         denoiser = config.enter()
     except Exception as e:  # noqa: BLE001 — a peer that refuses the model is a result, not a crash
-        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        row["error"] = _describe(e)
         log.info("  %-34s %s", config.label[:34], row["error"])
         return row
     try:
@@ -257,7 +248,7 @@ def run_config(config: Config, sampler, prompts, refs, full_flops: int) -> dict[
         if getattr(denoiser, "search", None) is not None:
             row["plan"] = denoiser.search.best.name
     except Exception as e:  # noqa: BLE001
-        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        row["error"] = _describe(e)
         log.info("  %-34s failed: %s", config.label[:34], row["error"])
         return row
     finally:

@@ -40,6 +40,7 @@ import torch
 
 import fxcache
 from fxcache import methods as M
+from fxcache.testing.peers import CacheContexts
 
 log = logging.getLogger("speed")
 
@@ -253,11 +254,8 @@ def diffusers_rows(model, loop, args, record) -> list[dict]:
 
     out = []
 
-    def ctx_loop(denoiser):
-        def call(**kw):
-            with model.cache_context("cond"):
-                return denoiser(**kw)
-        return loop(call)
+    def ctx_loop(denoiser):  # one call per step
+        return loop(CacheContexts(denoiser, branches=("cond",)))
 
     for k in args.full:
         interval = max(1, round(args.steps / k))
@@ -288,7 +286,7 @@ def cache_dit_rows(model, loop, args, record, backend) -> list[dict]:
 
     out = []
     for k in args.full:
-        full = {round(x * (args.steps - 1) / max(1, k - 1)) for x in range(k)}
+        full = M.Scheduled(full=k).full_steps(args.steps)  # the same steps as fxcache's Scheduled rows
         mask = [int(i in full) for i in range(args.steps)]
         name = f"cache-dit DBCache F1B0 mask {k}/{args.steps} "
         config = DBCacheConfig(num_inference_steps=args.steps, Fn_compute_blocks=1, Bn_compute_blocks=0,

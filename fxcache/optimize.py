@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from fxcache.analysis.calibrate import _final_tensor
-from fxcache.analysis.profile import _DENOISER_ATTRS, Profile, _is_pipeline
+from fxcache.analysis.profile import _DENOISER_ATTRS, Profile, _denoiser_attr, _is_pipeline
 from fxcache.analysis.profile import profile as _profile
 from fxcache.errors import InputError
 from fxcache.methods import Method, PlanContext
@@ -98,12 +98,14 @@ def optimize(model, calib_prompts: Sequence[Any], *, sampler=None, speedup: floa
     return optimized
 
 
-def _denoiser_module(model) -> torch.nn.Module:
+def _denoiser_module(model):
+    """The user's denoiser behind a pipeline or any fxcache wrapper (anything else is returned as it is)."""
     if _is_pipeline(model):
-        model = next((getattr(model, a) for a in _DENOISER_ATTRS
-                      if isinstance(getattr(model, a, None), torch.nn.Module)), model)
+        model = getattr(model, _denoiser_attr(model))
+    if isinstance(model, PlannedDenoiser):
+        return model.__dict__["_model"]
     if isinstance(model, OptimizedDenoiser):
-        model = model.traced.model
+        return model.traced.model
     return model.model if isinstance(model, TracedDenoiser) else model
 
 
@@ -124,7 +126,7 @@ def _loop_runner(model, prompts, sampler, call_kwargs, seed):
     """``run(denoiser, i)``: calibration prompt ``i`` through the user's loop with ``denoiser`` in place, seeded as
     the profile was; returns the final sample."""
     if _is_pipeline(model):
-        attr = next(a for a in _DENOISER_ATTRS if isinstance(getattr(model, a, None), torch.nn.Module))
+        attr = _denoiser_attr(model)
         params = inspect.signature(model.__call__).parameters
 
         def run(denoiser, i):
@@ -211,17 +213,8 @@ def load(path, model, *, backend=None, mode: str | None = None, cuda_graphs: boo
     from fxcache.plan import Plan, PlanError
 
     plan = Plan.load(path)
-    target = model
-    attr = None
-    if _is_pipeline(model):
-        attr = next(a for a in _DENOISER_ATTRS if isinstance(getattr(model, a, None), torch.nn.Module))
-        target = getattr(model, attr)
-    if isinstance(target, PlannedDenoiser):
-        target = target.__dict__["_model"]
-    elif isinstance(target, OptimizedDenoiser):
-        target = target.traced.model
-    elif isinstance(target, TracedDenoiser):
-        target = target.model
+    attr = _denoiser_attr(model) if _is_pipeline(model) else None
+    target = _denoiser_module(model)
     if not isinstance(target, torch.nn.Module):
         raise InputError(f"load() needs a denoiser nn.Module or a pipeline, got {type(model).__qualname__}")
     if plan.model and type(target).__name__ != plan.model:

@@ -107,7 +107,7 @@ def _scheduled(ctx: M.PlanContext, granularity: str, action: str, full: Sequence
 def _placements(t: int, k: int, weights: np.ndarray, warmup: int) -> dict[str, list[int]]:
     """Full-step sets of size ``k``: uniform, and sensitivity-weighted (after ``warmup`` forced steps)."""
     k = max(1, min(t, k))
-    uniform = sorted({round(float(x)) for x in np.linspace(0, t - 1, k)}) if k > 1 else [0]
+    uniform = M.Scheduled(full=k).full_steps(t)
     forced = list(range(min(warmup, k)))
     rest = [s for s in np.argsort(-weights) if s not in forced][: k - len(forced)]
     weighted = sorted(set(forced) | {int(s) for s in rest})

@@ -12,6 +12,13 @@ from fxcache.testing.samplers import ddim_sampler, flow_euler_sampler
 NULL_CLASS = 1000  # DiT's unconditional label
 
 
+def seeded_run(denoiser, smp, prompt, seed=0):
+    """One whole sampling loop under torch.manual_seed(seed), without autograd."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return smp(denoiser, prompt)
+
+
 def dit_call(den, x, t, prompt, uncond):
     b = x.shape[0]
     if uncond is None:  # batched CFG: first half conditional, second half unconditional

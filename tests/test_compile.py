@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from profiling import dit, sampler
+from profiling import dit, sampler, seeded_run
 
 import fxcache
 from fxcache._compat import dynamo_counters, error_on_recompile
@@ -17,22 +17,16 @@ from fxcache.testing.samplers import zoo_sampler
 pytest.importorskip("diffusers")
 
 
-def _run(denoiser, smp, prompt=3, seed=0):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        return smp(denoiser, prompt)
-
-
 def _compiled_twice(opt, smp, backend="aot_eager"):
     """Eager plan output, then the compiled plan run twice (the second under error_on_recompile)."""
-    eager = _run(opt, smp)
+    eager = seeded_run(opt, smp, 3)
     opt.compile(backend)
     counters = dynamo_counters()
     counters.clear()
-    first = _run(opt, smp)
+    first = seeded_run(opt, smp, 3)
     graphs = counters["stats"]["unique_graphs"]
     with error_on_recompile():
-        second = _run(opt, smp)
+        second = seeded_run(opt, smp, 3)
     assert dict(counters["graph_break"]) == {}, dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled in the second run
     return eager, first, second, graphs
@@ -66,11 +60,11 @@ def test_gated_plan_compiles_its_prefix_and_suffix_graphs():
 def test_optimize_and_load_take_a_backend(tmp_path):
     model, smp = dit(), sampler("euler", steps=8, cfg="separate")
     opt = fxcache.optimize(model, [3], sampler=smp, method=FORA(interval=3), backend="aot_eager", progress=False)
-    want = _run(opt, smp)
+    want = seeded_run(opt, smp, 3)
     assert opt.compiled_variants == len(opt.variants)
     opt.plan.save(tmp_path / "plan.json")
     loaded = fxcache.load(tmp_path / "plan.json", model, backend="aot_eager")
-    torch.testing.assert_close(_run(loaded, smp), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(seeded_run(loaded, smp, 3), want, rtol=1e-6, atol=1e-6)
     assert loaded.optimized.compiled_variants == len(loaded.optimized.variants)
 
 
@@ -118,8 +112,8 @@ def test_cuda_graphs_match_eager_on_gpu():
         return x
 
     opt = fxcache.optimize(model, [3], sampler=smp, method=TaylorSeer(interval=3), progress=False)
-    eager = _run(opt, smp)
+    eager = seeded_run(opt, smp, 3)
     opt.compile("inductor", cuda_graphs=True)
-    first, second = _run(opt, smp), _run(opt, smp)
+    first, second = seeded_run(opt, smp, 3), seeded_run(opt, smp, 3)
     torch.testing.assert_close(first, eager, rtol=1e-3, atol=1e-3)
     assert torch.equal(first, second)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from conftest import check_golden
-from profiling import dit, sampler
+from profiling import dit, sampler, seeded_run
 
 import fxcache
 from fxcache.ir import dump
@@ -32,6 +32,19 @@ def _euler_loop(den, x0):
     return x
 
 
+def _differences(old, value, steps, s, order):
+    """The reference hooks' TaylorSeer factors after computing ``value`` at step ``s``: [value, Δ/d, Δ²/d², ...] from
+    the previous factors ``old`` (computed at ``steps[-1]``), as far as they reach."""
+    if old is None:
+        return [value]
+    d = s - steps[-1]
+    new = [value]
+    for j in range(1, order + 1):
+        if len(old) >= j:
+            new.append((new[j - 1] - old[j - 1]) / d)
+    return new
+
+
 def _saved_matmul_flops(opt, point) -> int:
     """Matmul FLOPs that reading ``point`` from the cache makes dead (liveness walk over the traced graph)."""
     from fxcache.analysis.flops import matmul_flops
@@ -43,19 +56,13 @@ def _saved_matmul_flops(opt, point) -> int:
     return saved_flops(gm, replaced, flops=matmul_flops)
 
 
-def _run(denoiser, smp, prompt, seed=0):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        return smp(denoiser, prompt)
-
-
 @pytest.mark.parametrize("name", zoo.names())
 def test_full_plan_reproduces_eager_exactly(name):
     model, _ = zoo.build(name)
     smp = zoo_sampler(name, steps=4, cfg="separate", kind="ddim" if "unet" in name else "euler")
     opt = fxcache.optimize(model, [1], sampler=smp, method=Full(), progress=False)
     assert isinstance(opt, fxcache.OptimizedDenoiser)
-    assert torch.equal(_run(opt, smp, 1), _run(model, smp, 1))
+    assert torch.equal(seeded_run(opt, smp, 1), seeded_run(model, smp, 1))
     assert opt.stats()["computed_fraction"] == 1.0 and opt.stats()["full_steps"] == 4
 
 
@@ -108,15 +115,7 @@ class SublayerReference:
             s, b = self.call // 2, self.call % 2
             st = self.state.setdefault((key, b), {"factors": None, "steps": []})
             if self.full[s]:
-                if st["factors"] is None:
-                    st["factors"] = [out]
-                else:
-                    d = s - st["steps"][-1]
-                    new = [out]
-                    for j in range(1, self.order + 1):
-                        if len(st["factors"]) >= j:
-                            new.append((new[j - 1] - st["factors"][j - 1]) / d)
-                    st["factors"] = new
+                st["factors"] = _differences(st["factors"], out, st["steps"], s, self.order)
                 st["steps"].append(s)
                 return out
             computed = len(st["steps"])
@@ -144,14 +143,14 @@ def test_sublayer_methods_match_their_eager_formula(method, interval, order, war
     model = dit()
     smp = sampler("euler", steps=STEPS, cfg="separate")
     opt = fxcache.optimize(model, [3], sampler=smp, method=method, progress=False)
-    got = _run(opt, smp, 3)
+    got = seeded_run(opt, smp, 3)
     ref_hooks = SublayerReference(model, interval, order, warmup, type(method).__name__)
     try:
-        want = _run(model, smp, 3)
+        want = seeded_run(model, smp, 3)
     finally:
         ref_hooks.remove()
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
-    assert not torch.allclose(got, _run(model, smp, 3), atol=1e-4)  # caching changed something
+    assert not torch.allclose(got, seeded_run(model, smp, 3), atol=1e-4)  # caching changed something
     # computed_fraction follows the schedule: each cached step saves exactly the layers' FLOPs inside blocks
     stats = opt.stats()
     full = _full_steps(interval, warmup, type(method).__name__)
@@ -166,7 +165,7 @@ def test_delta_dit_matches_its_eager_formula():
     smp = sampler("euler", steps=STEPS, cfg="none")
     method = DeltaDiT(interval=2, boundary=0.5, blocks=1)
     opt = fxcache.optimize(model, [3], sampler=smp, method=method, progress=False)
-    got = _run(opt, smp, 3)
+    got = seeded_run(opt, smp, 3)
     state = {"call": -1, "res": {}}
     n = len(model.transformer_blocks)
 
@@ -187,7 +186,7 @@ def test_delta_dit_matches_its_eager_formula():
     handles = [model.register_forward_pre_hook(pre)] + [
         b.register_forward_hook(block_hook(i), with_kwargs=True) for i, b in enumerate(model.transformer_blocks)]
     try:
-        want = _run(model, smp, 3)
+        want = seeded_run(model, smp, 3)
     finally:
         for h in handles:
             h.remove()
@@ -210,17 +209,17 @@ def taylor_dit():
 
 def test_same_prompt_twice_is_identical_and_runs_do_not_leak(taylor_dit):
     _, smp, opt = taylor_dit
-    a1 = _run(opt, smp, 3)
+    a1 = seeded_run(opt, smp, 3)
     # the conditional and unconditional calls keep separate caches (their cached features differ)
     assert set(opt._cache) == {0, 1}
     key = "layer:transformer_blocks.0.ff"
     assert not torch.equal(opt._cache[0][key].factors[0][0], opt._cache[1][key].factors[0][0])
-    a2 = _run(opt, smp, 3)  # new run detected from the restarting timestep; no reset() needed
-    b = _run(opt, smp, 7)
-    a3 = _run(opt, smp, 3)
+    a2 = seeded_run(opt, smp, 3)  # new run detected from the restarting timestep; no reset() needed
+    b = seeded_run(opt, smp, 7)
+    a3 = seeded_run(opt, smp, 3)
     assert torch.equal(a1, a2) and torch.equal(a1, a3)
     opt.reset()
-    assert torch.equal(_run(opt, smp, 7), b)
+    assert torch.equal(seeded_run(opt, smp, 7), b)
     assert opt.stats()["steps"] == STEPS  # stats are of the last run only
 
 
@@ -339,14 +338,14 @@ def test_bad_plans_are_rejected_before_any_step(taylor_dit):
 def test_runs_unlike_the_plan_are_refused(taylor_dit):
     _, _, opt = taylor_dit
     with pytest.raises(fxcache.InputError, match="input shapes .* differ"):
-        _run(opt, zoo_sampler("dit", steps=STEPS, batch=2), 3)
+        seeded_run(opt, zoo_sampler("dit", steps=STEPS, batch=2), 3)
     opt.reset()
     with pytest.raises(fxcache.InputError, match="more steps than the plan"):
-        _run(opt, sampler("euler", steps=STEPS + 4, cfg="separate"), 3)
+        seeded_run(opt, sampler("euler", steps=STEPS + 4, cfg="separate"), 3)
     opt.reset()
     # fewer steps than planned: a prefix of the plan, still correct (caches only from this run)
     short = sampler("euler", steps=STEPS - 3, cfg="separate")
-    assert torch.isfinite(_run(opt, short, 3)).all()
+    assert torch.isfinite(seeded_run(opt, short, 3)).all()
 
 
 def test_plan_json_roundtrip(taylor_dit, tmp_path):
@@ -398,15 +397,7 @@ class ModuleReference:
             cs = self.coefs(s, len(st["steps"]), s - st["steps"][-1] if st["steps"] else None)
             if cs is None:
                 value = tensor - base
-                if st["f"] is None:
-                    st["f"] = [value]
-                else:
-                    d = s - st["steps"][-1]
-                    new = [value]
-                    for j in range(1, self.order + 1):
-                        if len(st["f"]) >= j:
-                            new.append((new[j - 1] - st["f"][j - 1]) / d)
-                    st["f"] = new
+                st["f"] = _differences(st["f"], value, st["steps"], s, self.order)
                 st["steps"].append(s)
                 return out
             value = st["f"][0]
@@ -422,13 +413,13 @@ class ModuleReference:
 
 
 def _compare(opt, model, smp, reference, prompt=3):
-    got = _run(opt, smp, prompt)
+    got = seeded_run(opt, smp, prompt)
     try:
-        want = _run(model, smp, prompt)
+        want = seeded_run(model, smp, prompt)
     finally:
         reference.remove()
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
-    assert not torch.allclose(got, _run(model, smp, prompt), atol=1e-4)
+    assert not torch.allclose(got, seeded_run(model, smp, prompt), atol=1e-4)
 
 
 def test_hicache_matches_its_eager_formula():
@@ -610,10 +601,10 @@ def test_dynamic_gates_match_their_eager_formula(kind):
         y = prof.metrics[prof._index("signal:output"), :, 1:, 1].ravel()
         np.testing.assert_allclose(gate["coefficients"], np.polyfit(x, y, 4), rtol=1e-6)
         assert gate["steps"] == list(range(1, STEPS - 1))  # first and last step always computed
-    got = _run(opt, smp, 3)
+    got = seeded_run(opt, smp, 3)
     ref = GateReference(model, kind, gate["threshold"], gate.get("coefficients"), gate["steps"])
     try:
-        want = _run(model, smp, 3)
+        want = seeded_run(model, smp, 3)
     finally:
         ref.remove()
     assert 0 < sum(ref.skipped) < STEPS  # the gate really decided both ways
@@ -680,11 +671,11 @@ def test_dbcache_probe_and_corrector_match_their_eager_formula():
     opt = fxcache.optimize(model, [3], sampler=smp, method=method, progress=False)
     assert set(opt.plan.gate["skip"]) == {"block:transformer_blocks.1"}  # block 0 probes, block 2 corrects
     assert opt.plan.gate["steps"] == list(range(3, STEPS))
-    got = _run(opt, smp, 3)
+    got = seeded_run(opt, smp, 3)
     # eager reference: FBCache's rule on block 0, but only block 1 is skipped, and only from step 3 on
     ref = GateReference(model, "fbcache", threshold, None, range(3, STEPS), skip_blocks={1})
     try:
-        want = _run(model, smp, 3)
+        want = seeded_run(model, smp, 3)
     finally:
         ref.remove()
     assert 0 < sum(ref.skipped) < STEPS
@@ -700,7 +691,7 @@ def test_easycache_matches_its_eager_formula():
     smp = zoo_sampler("unet2d_condition", kind="euler", steps=STEPS, cfg="separate")
     method = EasyCache(threshold=0.1, warmup=3)
     opt = fxcache.optimize(model, [1], sampler=smp, method=method, progress=False)
-    got = _run(opt, smp, 1)
+    got = seeded_run(opt, smp, 1)
     skipped = []
     state = {"call": -1}
 
@@ -730,7 +721,7 @@ def test_easycache_matches_its_eager_formula():
         st["full"].append((x, out))
         return types.SimpleNamespace(sample=out)
 
-    want = _run(reference, smp, 1)
+    want = seeded_run(reference, smp, 1)
     assert 0 < sum(skipped) < STEPS
     assert opt.stats()["full_steps"] == STEPS - sum(skipped)
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
@@ -771,7 +762,7 @@ def test_fastercache_cfg_cache_matches_its_eager_formula():
     opt = fxcache.optimize(model, [1], sampler=smp, method=FasterCache(attention=False), progress=False)
     cfg = opt.plan.cfg_cache
     assert cfg["refresh"] == [5, 10] and cfg["derive"] == [6, 7, 8, 9, 11, 12, 13, 14]
-    got = _run(opt, smp, 1)
+    got = seeded_run(opt, smp, 1)
     state = {"call": -1}
 
     def spectrum(x):
@@ -798,9 +789,9 @@ def test_fastercache_cfg_cache_matches_its_eager_formula():
             state["w_lf"] = state["w_hf"] = 1.0
         return types.SimpleNamespace(sample=out)
 
-    want = _run(reference, smp, 1)
+    want = seeded_run(reference, smp, 1)
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
-    assert not torch.allclose(got, _run(model, smp, 1), atol=1e-4)
+    assert not torch.allclose(got, seeded_run(model, smp, 1), atol=1e-4)
     assert opt.stats()["computed_fraction"] == pytest.approx(1 - 8 / 30)  # 8 of 30 calls derived
     with pytest.raises(fxcache.InputError, match="two calls per step"):
         fxcache.optimize(model, [1], sampler=zoo_sampler("unet2d_condition", steps=6),
@@ -849,7 +840,7 @@ def test_token_methods_match_their_eager_formula(name):
         return used[step]
 
     opt._select_tokens = spy
-    got = _run(opt, smp, 3)
+    got = seeded_run(opt, smp, 3)
     plan = opt.plan
     kinds = {s: ("full" if not plan.actions(s) else "aggressive" if "stack:transformer_blocks" in plan.actions(s)
                  else "partial") for s in range(STEPS)}
@@ -908,7 +899,7 @@ def test_token_methods_match_their_eager_formula(name):
     handles.append(blocks[0].register_forward_pre_hook(stack_in, with_kwargs=True))
     handles.append(blocks[-1].register_forward_hook(stack_out))
     try:
-        want = _run(model, smp, 3)
+        want = seeded_run(model, smp, 3)
     finally:
         for h in handles:
             h.remove()
@@ -943,7 +934,7 @@ def test_foresight_matches_its_eager_formula():
     model, smp = dit(), sampler("euler", steps=steps, cfg="separate")
     opt = fxcache.optimize(model, [3], sampler=smp, method=Foresight(warmup=warmup, recalculate=recalc, gamma=gamma),
                            progress=False)
-    got = _run(opt, smp, 3)
+    got = seeded_run(opt, smp, 3)
     n = len(model.transformer_blocks)
     st = {"call": -1}
     reused = []
@@ -977,7 +968,7 @@ def test_foresight_matches_its_eager_formula():
     handles = [model.register_forward_pre_hook(pre)] + [
         b.register_forward_hook(block_hook(i)) for i, b in enumerate(model.transformer_blocks)]
     try:
-        want = _run(model, smp, 3)
+        want = seeded_run(model, smp, 3)
     finally:
         for h in handles:
             h.remove()
@@ -999,7 +990,7 @@ def test_computed_fraction_matches_the_schedule(method_name):
     method = {"PAB": M.PAB(window=(0, 1001)), "MagCache": M.MagCache(threshold=1.0)}.get(method_name) or \
         getattr(M, method_name)()
     opt = fxcache.optimize(model, [3], sampler=smp, method=method, progress=False)
-    _run(opt, smp, 3)
+    seeded_run(opt, smp, 3)
     gm = opt.traced.graph_module
     by_key = {n.meta["fxcache"].key: n for n in gm.graph.nodes}
     points = {p.key: p for p in opt.profile.cache_points}
@@ -1028,7 +1019,7 @@ def test_token_mask_with_every_token_fresh_equals_computing_the_layer(name):
     assert any(a == "tokens" for acts in toca.plan.steps for a in acts.values())
     plan = Plan(fingerprint=toca.plan.fingerprint, num_steps=8, steps=steps)
     attention_only = fxcache.OptimizedDenoiser(toca.traced, plan, toca.profile.cache_points)
-    assert torch.allclose(_run(toca, smp, 1), _run(attention_only, smp, 1), atol=1e-5)
+    assert torch.allclose(seeded_run(toca, smp, 1), seeded_run(attention_only, smp, 1), atol=1e-5)
 
 
 @pytest.mark.parametrize("method_name", ["FORA", "TaylorSeer", "ToCa", "FBCache", "FasterCache"])
@@ -1042,8 +1033,8 @@ def test_computed_fraction_equals_the_flop_counter(method_name):
     method = {"FBCache": M.FBCache(threshold=0.3), "FasterCache": M.FasterCache(interval=2)}.get(method_name) or \
         getattr(M, method_name)()
     opt = fxcache.optimize(model, [3], sampler=smp, method=method, progress=False)
-    _, full = count_flops(_run, model, smp, 3)
-    _, cached = count_flops(_run, opt, smp, 3)
+    _, full = count_flops(seeded_run, model, smp, 3)
+    _, cached = count_flops(seeded_run, opt, smp, 3)
     stats = opt.stats()
     assert stats["computed_fraction"] < 0.95
     assert stats["computed_fraction"] == pytest.approx(cached / full, rel=1e-6)

@@ -316,6 +316,11 @@ def _is_pipeline(model) -> bool:
         isinstance(getattr(model, a, None), torch.nn.Module) for a in _DENOISER_ATTRS)
 
 
+def _denoiser_attr(pipe) -> str:
+    """The attribute holding a pipeline's denoiser (``transformer``, ``unet``, ...)."""
+    return next(a for a in _DENOISER_ATTRS if isinstance(getattr(pipe, a, None), torch.nn.Module))
+
+
 class _StandIn:
     """What a bare-denoiser sampler receives: calls go to the calibration, attributes to the model."""
 
@@ -437,7 +442,7 @@ def profile(model, calib_prompts: Sequence[Any], *, sampler=None, granularity: I
     if _is_pipeline(model):
         if sampler is not None:
             raise InputError("sampler= is for bare denoisers; a pipeline runs its own sampling loop")
-        attr = next(a for a in _DENOISER_ATTRS if isinstance(getattr(model, a, None), torch.nn.Module))
+        attr = _denoiser_attr(model)
         denoiser, traced = getattr(model, attr), None
         denoiser = getattr(denoiser, "traced", denoiser)  # an OptimizedDenoiser: profile the model under it
         if isinstance(denoiser, TracedDenoiser):

@@ -98,6 +98,14 @@ def _check_interval(interval: int) -> None:
         raise InputError(f"interval must be an integer >= 1, got {interval!r}")
 
 
+def _profiled_graph(ctx: PlanContext, needs: str):
+    """The traced graph the profile was made on; ``needs`` says why, in the error raised without one."""
+    traced = getattr(ctx.profile, "traced", None)
+    if traced is None:
+        raise InputError(needs)
+    return traced
+
+
 def _layers(ctx: PlanContext, method: str) -> list[CachePoint]:
     layers = ctx.of_kind("layer")
     if not layers:
@@ -308,9 +316,7 @@ class PAB(Method):
     def schedule(self, ctx):
         from fxcache.analysis.points import attention_kind
 
-        traced = getattr(ctx.profile, "traced", None)
-        if traced is None:
-            raise InputError("PAB needs the profiled graph to tell self- from cross-attention")
+        traced = _profiled_graph(ctx, "PAB needs the profiled graph to tell self- from cross-attention")
         ranges = {"self": self.self_range, "cross": self.cross_range}
         for r in ranges.values():
             _check_interval(r)
@@ -460,9 +466,7 @@ class DBCache(Method):
     def plan(self, ctx):
         from fxcache.analysis.points import range_point
 
-        traced = getattr(ctx.profile, "traced", None)
-        if traced is None:
-            raise InputError("DBCache builds its probe point on the profiled graph; use fxcache.optimize")
+        traced = _profiled_graph(ctx, "DBCache builds its probe point on the profiled graph; use fxcache.optimize")
         blocks = _residual_blocks(ctx, "DBCache")
         first_stack = blocks[0].stack
         n_first = sum(1 for b in blocks if b.stack == first_stack)
@@ -494,9 +498,7 @@ class EasyCache(Method):
     def plan(self, ctx):
         from fxcache.analysis.points import output_point
 
-        traced = getattr(ctx.profile, "traced", None)
-        if traced is None:
-            raise InputError("EasyCache builds its output point on the profiled graph; use fxcache.optimize")
+        traced = _profiled_graph(ctx, "EasyCache builds its output point on the profiled graph; use fxcache.optimize")
         point = output_point(traced.graph_module, traced.structure)
         if point is None:
             raise InputError("EasyCache caches v − x: this model's output is not shaped like its sample input "
@@ -542,9 +544,7 @@ class FasterCache(Method):
             return [{} for _ in range(t)]
         from fxcache.analysis.points import attention_kind
 
-        traced = getattr(ctx.profile, "traced", None)
-        if traced is None:
-            raise InputError("FasterCache finds attention layers on the profiled graph; use fxcache.optimize")
+        traced = _profiled_graph(ctx, "FasterCache finds attention layers on the profiled graph; use fxcache.optimize")
         attn = [p for p in ctx.of_kind("layer") if attention_kind(traced.graph_module, p) is not None]
         if not attn:
             raise InputError("FasterCache's attention reuse found no attention layer cache point (a U-Net's "
@@ -594,9 +594,7 @@ def _token_layers(ctx: PlanContext, method: str) -> tuple[list[CachePoint], list
     """(token-wise layers, other layers) of the profiled graph."""
     from fxcache.passes.compute_token_subset import token_wise_violation
 
-    traced = getattr(ctx.profile, "traced", None)
-    if traced is None:
-        raise InputError(f"{method} inspects the profiled graph for token-wise layers; use fxcache.optimize")
+    traced = _profiled_graph(ctx, f"{method} inspects the profiled graph for token-wise layers; use fxcache.optimize")
     layers = _layers(ctx, method)
     wise = [p for p in layers if token_wise_violation(traced.graph_module, p) is None]
     if not wise:
@@ -687,9 +685,7 @@ class Foresight(Method):
     def plan(self, ctx):
         from fxcache.analysis.points import block_output_points
 
-        traced = getattr(ctx.profile, "traced", None)
-        if traced is None:
-            raise InputError("Foresight builds block-output points on the profiled graph; use fxcache.optimize")
+        traced = _profiled_graph(ctx, "Foresight builds block-output points on the profiled graph; use fxcache.optimize")
         _check_interval(self.recalculate)
         if self.warmup < 2:
             raise InputError("Foresight needs warmup >= 2 (thresholds come from the change between warm-up steps)")

@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from fxcache.testing.samplers import _guided
+
 __all__ = [
     "CONFIG",
     "DIT_CONFIG",
@@ -92,14 +94,35 @@ def _labels(prompt) -> tuple[int, torch.Generator | None]:
     return int(label), (torch.Generator().manual_seed(seed) if seed is not None else None)
 
 
+def _trained(cls, config: dict, path: str, dtype: torch.dtype) -> torch.nn.Module:
+    tensors = _load(path)
+    model = cls(**config)
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    return model.eval().to(dtype)
+
+
+def _guided_by_label(call, cfg: str, guidance: float):
+    """``predict(denoiser, x, t, label)``: ``call(denoiser, x, t, labels)`` under classifier-free guidance against
+    the empty prompt (:func:`fxcache.testing.samplers._guided`; ``guidance == 1`` runs the conditional call only)."""
+    def branch(denoiser, x, t, label, uncond):
+        n = x.shape[0]
+        if uncond is None:  # batched: conditional half, then the empty prompt
+            labels = torch.tensor([label] * (n // 2) + [EMPTY] * (n // 2))
+        else:
+            labels = torch.full((n,), EMPTY if uncond else label, dtype=torch.long)
+        return call(denoiser, x, t, labels)
+
+    def predict(denoiser, x, t, label):
+        return _guided(denoiser, branch, x, t, label, "none" if guidance == 1.0 else cfg, guidance)
+
+    return predict
+
+
 def digits_model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The trained FluxTransformer2DModel (eval mode)."""
     from diffusers import FluxTransformer2DModel
 
-    tensors = _load()
-    model = FluxTransformer2DModel(**CONFIG)
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    return model.eval().to(dtype)
+    return _trained(FluxTransformer2DModel, CONFIG, WEIGHTS, dtype)
 
 
 def digits_sampler(steps: int = 20, guidance: float = 2.0, cfg: str = "separate", batch: int = 1,
@@ -115,24 +138,15 @@ def digits_sampler(steps: int = 20, guidance: float = 2.0, cfg: str = "separate"
                        pooled_projections=pooled_table[labels], timestep=t, img_ids=img_ids, txt_ids=txt_ids)
         return out[0] if isinstance(out, tuple) else out.sample
 
+    predict = _guided_by_label(call, cfg, guidance)
+
     def sampler(denoiser, prompt):
         label, gen = _labels(prompt)
         x = torch.randn(batch, 16, 4, generator=gen)
-        cond = torch.full((batch,), label, dtype=torch.long)
-        empty = torch.full((batch,), EMPTY, dtype=torch.long)
         sigmas = torch.linspace(1.0, 0.0, steps + 1)
         sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
         for i in range(steps):
-            t = sigmas[i].expand(batch).clone()
-            if cfg == "none" or guidance == 1.0:
-                v = call(denoiser, x, t, cond)
-            elif cfg == "separate":
-                vc, vu = call(denoiser, x, t, cond), call(denoiser, x, t, empty)
-                v = vu + guidance * (vc - vu)
-            else:
-                both = call(denoiser, torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, empty]))
-                vc, vu = both.chunk(2)
-                v = vu + guidance * (vc - vu)
+            v = predict(denoiser, x, sigmas[i].expand(batch).clone(), label)
             x = x + (sigmas[i + 1] - sigmas[i]) * v
         return unpack(x)
 
@@ -143,10 +157,7 @@ def digits_dit_model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The trained DiTTransformer2DModel (eval mode; ε-prediction, 1000 DDPM training timesteps)."""
     from diffusers import DiTTransformer2DModel
 
-    tensors = _load(DIT_WEIGHTS)
-    model = DiTTransformer2DModel(**DIT_CONFIG)
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    return model.eval().to(dtype)
+    return _trained(DiTTransformer2DModel, DIT_CONFIG, DIT_WEIGHTS, dtype)
 
 
 def dit_scheduler():
@@ -164,24 +175,15 @@ def digits_dit_sampler(steps: int = 20, guidance: float = 2.0, cfg: str = "separ
         out = denoiser(hidden_states=x, timestep=t, class_labels=labels)
         return out[0] if isinstance(out, tuple) else out.sample
 
+    predict = _guided_by_label(call, cfg, guidance)
+
     def sampler(denoiser, prompt):
         label, gen = _labels(prompt)
         sched = dit_scheduler()
         sched.set_timesteps(steps)
         x = torch.randn(batch, 1, 8, 8, generator=gen)
-        cond = torch.full((batch,), label, dtype=torch.long)
-        empty = torch.full((batch,), EMPTY, dtype=torch.long)
         for step in sched.timesteps:
-            t = step.expand(batch).clone()
-            if cfg == "none" or guidance == 1.0:
-                eps = call(denoiser, x, t, cond)
-            elif cfg == "separate":
-                ec, eu = call(denoiser, x, t, cond), call(denoiser, x, t, empty)
-                eps = eu + guidance * (ec - eu)
-            else:
-                both = call(denoiser, torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, empty]))
-                ec, eu = both.chunk(2)
-                eps = eu + guidance * (ec - eu)
+            eps = predict(denoiser, x, step.expand(batch).clone(), label)
             x = sched.step(eps, step, x).prev_sample
         return x
 
