@@ -1038,3 +1038,37 @@ def test_computed_fraction_equals_the_flop_counter(method_name):
     stats = opt.stats()
     assert stats["computed_fraction"] < 0.95
     assert stats["computed_fraction"] == pytest.approx(cached / full, rel=1e-6)
+
+
+def test_scheduled_computes_exactly_its_full_steps_and_refuses_bad_schedules():
+    import fxcache.methods as M
+
+    model, smp = dit(), sampler("euler", steps=STEPS, cfg="separate")
+    opt = fxcache.optimize(model, [3], sampler=smp, method=M.Scheduled(full=4, action="taylor1"), progress=False)
+    assert M.Scheduled(full=4).full_steps(STEPS) == [0, 3, 6, 9]
+    assert [s for s in range(STEPS) if not opt.plan.actions(s)] == [0, 3, 6, 9]
+    assert {a for s in range(STEPS) for a in opt.plan.actions(s).values()} == {"reuse", "taylor1"}  # order grows
+    assert set(opt.plan.actions(1)) == {p.key for p in opt.profile.cache_points if p.kind == "stack"}
+    seeded_run(opt, smp, 3)
+    assert opt.stats()["full_steps"] == 4
+    assert opt.cache_bytes() > 0  # the stack residual and its first difference, per CFG branch
+    opt.reset()
+    assert opt.cache_bytes() == 0
+    for bad, match in ((M.Scheduled(full=0), "1 <= full"), (M.Scheduled(full=(2, 5)), "including 0"),
+                       (M.Scheduled(action="taylor3"), "action must be"),
+                       (M.Scheduled(granularity="token"), "granularity must be")):
+        with pytest.raises(fxcache.InputError, match=match):
+            fxcache.optimize(model, [3], sampler=smp, method=bad, progress=False)
+
+
+def test_a_given_profile_is_checked_against_the_call():
+    model, smp = dit(), sampler("euler", steps=STEPS, cfg="separate")
+    prof = fxcache.profile(model, [3], sampler=smp, sensitivity=0, progress=False)
+    opt = fxcache.optimize(model, [3], sampler=smp, method=FORA(), profile=prof, progress=False)
+    assert opt.profile is prof
+    with pytest.raises(fxcache.InputError, match="made on 1 calibration prompts, but 2"):
+        fxcache.optimize(model, [3, 4], sampler=smp, method=FORA(), profile=prof, progress=False)
+    with pytest.raises(fxcache.InputError, match="no sensitivity"):
+        fxcache.optimize(model, [3], sampler=smp, speedup=2.0, profile=prof, progress=False)
+    with pytest.raises(fxcache.InputError, match="must be a fxcache.Profile"):
+        fxcache.optimize(model, [3], sampler=smp, method=FORA(), profile="calib/", progress=False)
