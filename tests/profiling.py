@@ -5,6 +5,7 @@ import torch
 import torch.fx
 
 from fxcache import _compat
+from fxcache.devices import dtype_of
 from fxcache.ir import key_of
 from fxcache.testing import zoo
 from fxcache.testing.samplers import ddim_sampler, flow_euler_sampler
@@ -20,23 +21,23 @@ def seeded_run(denoiser, smp, prompt, seed=0):
 
 
 def dit_call(den, x, t, prompt, uncond):
-    b = x.shape[0]
+    b, dev = x.shape[0], x.device
     if uncond is None:  # batched CFG: first half conditional, second half unconditional
-        labels = torch.cat([torch.full((b // 2,), prompt), torch.full((b // 2,), NULL_CLASS)])
+        labels = torch.cat([torch.full((b // 2,), prompt, device=dev), torch.full((b // 2,), NULL_CLASS, device=dev)])
     else:
-        labels = torch.full((b,), NULL_CLASS if uncond else prompt)
-    return den(hidden_states=x, timestep=t, class_labels=labels).sample[:, :4]
+        labels = torch.full((b,), NULL_CLASS if uncond else prompt, device=dev)
+    return den(hidden_states=x.to(dtype_of(den)), timestep=t, class_labels=labels).sample[:, :4].float()
 
 
 def unet_call(den, x, t, prompt, uncond):
     b = x.shape[0]
     gen = torch.Generator().manual_seed(int(prompt))
-    text = torch.randn(1, 8, 16, generator=gen).expand(b, -1, -1)
+    text = torch.randn(1, 8, 16, generator=gen, device="cpu").expand(b, -1, -1).to(x.device, dtype_of(den))
     if uncond is None:
         text = torch.cat([text[: b // 2], torch.zeros_like(text[: b // 2])])
     elif uncond:
         text = torch.zeros_like(text)
-    return den(x, t, encoder_hidden_states=text).sample
+    return den(x.to(dtype_of(den)), t, encoder_hidden_states=text).sample.float()
 
 
 def dit(seed=0):

@@ -18,6 +18,7 @@ import os
 
 import torch
 
+from fxcache.devices import device_of, dtype_of
 from fxcache.testing.samplers import _guided
 
 __all__ = [
@@ -54,10 +55,10 @@ DIT_WEIGHTS = os.path.join(_ASSETS, "digits_dit.safetensors")
 
 
 def make_tables(seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fixed random 'text encoder' outputs per label (row 10, the empty prompt, is zeros)."""
+    """Fixed random 'text encoder' outputs per label (row 10, the empty prompt, is zeros); on the CPU."""
     gen = torch.Generator().manual_seed(seed)
-    text = torch.randn(11, TEXT_TOKENS, CONFIG["joint_attention_dim"], generator=gen)
-    pooled = torch.randn(11, CONFIG["pooled_projection_dim"], generator=gen)
+    text = torch.randn(11, TEXT_TOKENS, CONFIG["joint_attention_dim"], generator=gen, device="cpu")
+    pooled = torch.randn(11, CONFIG["pooled_projection_dim"], generator=gen, device="cpu")
     text[EMPTY], pooled[EMPTY] = 0.0, 0.0
     return text, pooled
 
@@ -73,11 +74,11 @@ def unpack(tokens: torch.Tensor) -> torch.Tensor:
     return tokens.reshape(b, 4, 4, 1, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, 1, 8, 8)
 
 
-def position_ids() -> tuple[torch.Tensor, torch.Tensor]:
-    img = torch.zeros(4, 4, 3)
-    img[..., 1] = torch.arange(4)[:, None]
-    img[..., 2] = torch.arange(4)[None, :]
-    return img.reshape(16, 3), torch.zeros(TEXT_TOKENS, 3)
+def position_ids(device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    img = torch.zeros(4, 4, 3, device=device)
+    img[..., 1] = torch.arange(4, device=device)[:, None]
+    img[..., 2] = torch.arange(4, device=device)[None, :]
+    return img.reshape(16, 3), torch.zeros(TEXT_TOKENS, 3, device=device)
 
 
 @functools.lru_cache(maxsize=2)
@@ -94,11 +95,12 @@ def _labels(prompt) -> tuple[int, torch.Generator | None]:
     return int(label), (torch.Generator().manual_seed(seed) if seed is not None else None)
 
 
-def _trained(cls, config: dict, path: str, dtype: torch.dtype) -> torch.nn.Module:
+def _trained(cls, config: dict, path: str, dtype: torch.dtype, device) -> torch.nn.Module:
     tensors = _load(path)
-    model = cls(**config)
+    with torch.device("cpu"):  # whatever torch's default device is: the weights are loaded on the CPU
+        model = cls(**config)
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    return model.eval().to(dtype)
+    return model.eval().to(device=device, dtype=dtype)
 
 
 def _guided_by_label(call, cfg: str, guidance: float):
@@ -107,10 +109,10 @@ def _guided_by_label(call, cfg: str, guidance: float):
     def branch(denoiser, x, t, label, uncond):
         n = x.shape[0]
         if uncond is None:  # batched: conditional half, then the empty prompt
-            labels = torch.tensor([label] * (n // 2) + [EMPTY] * (n // 2))
+            labels = torch.tensor([label] * (n // 2) + [EMPTY] * (n // 2), device=x.device)
         else:
-            labels = torch.full((n,), EMPTY if uncond else label, dtype=torch.long)
-        return call(denoiser, x, t, labels)
+            labels = torch.full((n,), EMPTY if uncond else label, dtype=torch.long, device=x.device)
+        return call(denoiser, x, t, labels).float()
 
     def predict(denoiser, x, t, label):
         return _guided(denoiser, branch, x, t, label, "none" if guidance == 1.0 else cfg, guidance)
@@ -118,11 +120,11 @@ def _guided_by_label(call, cfg: str, guidance: float):
     return predict
 
 
-def digits_model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """The trained FluxTransformer2DModel (eval mode)."""
+def digits_model(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The trained FluxTransformer2DModel (eval mode) on ``device``."""
     from diffusers import FluxTransformer2DModel
 
-    return _trained(FluxTransformer2DModel, CONFIG, WEIGHTS, dtype)
+    return _trained(FluxTransformer2DModel, CONFIG, WEIGHTS, dtype, device)
 
 
 def digits_sampler(steps: int = 20, guidance: float = 2.0, cfg: str = "separate", batch: int = 1,
@@ -131,19 +133,22 @@ def digits_sampler(steps: int = 20, guidance: float = 2.0, cfg: str = "separate"
     ``"separate"`` two calls per step, ``"batched"`` one doubled call, ``"none"``). A prompt is a label 0–9, or
     ``{"label": int, "seed": int}`` to fix the noise independently of torch's global generator."""
     text_table, pooled_table = _load()["text_table"], _load()["pooled_table"]
-    img_ids, txt_ids = position_ids()
 
     def call(denoiser, x, t, labels):
-        out = denoiser(hidden_states=x, encoder_hidden_states=text_table[labels],
-                       pooled_projections=pooled_table[labels], timestep=t, img_ids=img_ids, txt_ids=txt_ids)
+        dtype = dtype_of(denoiser)
+        img_ids, txt_ids = position_ids(x.device)
+        out = denoiser(hidden_states=x.to(dtype), encoder_hidden_states=text_table.to(x.device, dtype)[labels],
+                       pooled_projections=pooled_table.to(x.device, dtype)[labels], timestep=t.to(dtype),
+                       img_ids=img_ids, txt_ids=txt_ids)
         return out[0] if isinstance(out, tuple) else out.sample
 
     predict = _guided_by_label(call, cfg, guidance)
 
     def sampler(denoiser, prompt):
         label, gen = _labels(prompt)
-        x = torch.randn(batch, 16, 4, generator=gen)
-        sigmas = torch.linspace(1.0, 0.0, steps + 1)
+        device = device_of(denoiser)
+        x = torch.randn(batch, 16, 4, generator=gen, device="cpu").to(device)  # the same noise on every device
+        sigmas = torch.linspace(1.0, 0.0, steps + 1, device=device)
         sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
         for i in range(steps):
             v = predict(denoiser, x, sigmas[i].expand(batch).clone(), label)
@@ -153,11 +158,11 @@ def digits_sampler(steps: int = 20, guidance: float = 2.0, cfg: str = "separate"
     return sampler
 
 
-def digits_dit_model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """The trained DiTTransformer2DModel (eval mode; ε-prediction, 1000 DDPM training timesteps)."""
+def digits_dit_model(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The trained DiTTransformer2DModel (eval mode; ε-prediction, 1000 DDPM training timesteps) on ``device``."""
     from diffusers import DiTTransformer2DModel
 
-    return _trained(DiTTransformer2DModel, DIT_CONFIG, DIT_WEIGHTS, dtype)
+    return _trained(DiTTransformer2DModel, DIT_CONFIG, DIT_WEIGHTS, dtype, device)
 
 
 def dit_scheduler():
@@ -172,16 +177,17 @@ def digits_dit_sampler(steps: int = 20, guidance: float = 2.0, cfg: str = "separ
     :func:`digits_sampler`). Returns (B, 1, 8, 8) images."""
 
     def call(denoiser, x, t, labels):
-        out = denoiser(hidden_states=x, timestep=t, class_labels=labels)
+        out = denoiser(hidden_states=x.to(dtype_of(denoiser)), timestep=t, class_labels=labels)
         return out[0] if isinstance(out, tuple) else out.sample
 
     predict = _guided_by_label(call, cfg, guidance)
 
     def sampler(denoiser, prompt):
         label, gen = _labels(prompt)
+        device = device_of(denoiser)
         sched = dit_scheduler()
-        sched.set_timesteps(steps)
-        x = torch.randn(batch, 1, 8, 8, generator=gen)
+        sched.set_timesteps(steps, device=device)
+        x = torch.randn(batch, 1, 8, 8, generator=gen, device="cpu").to(device)  # the same noise on every device
         for step in sched.timesteps:
             eps = predict(denoiser, x, step.expand(batch).clone(), label)
             x = sched.step(eps, step, x).prev_sample

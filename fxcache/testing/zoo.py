@@ -28,15 +28,20 @@ class ZooEntry:
     #: the name of the argument that carries the diffusion step (timestep / sigma)
     step_input: str
 
-    def build(self, seed: int = 0, batch: int = 2, dtype: torch.dtype = torch.float32):
-        """Return ``(model, inputs)``: an eval-mode model with seeded random weights and seeded inputs."""
+    def build(self, seed: int = 0, batch: int = 2, dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu"):
+        """Return ``(model, inputs)``: an eval-mode model with seeded random weights and seeded inputs, built on the
+        CPU (whatever torch's default device is: the same weights on every machine) and moved to ``device``."""
         torch.manual_seed(seed)
-        model = self.make_model().eval()
+        with torch.device("cpu"):
+            model = self.make_model().eval()
         if dtype != torch.float32:
             model = model.to(dtype)
+        model = model.to(device)
         gen = torch.Generator().manual_seed(seed + 1)
         inputs = self.make_inputs(gen, batch)
         inputs = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in inputs.items()}
+        inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
         return model, inputs
 
     def expected_blocks(self, model: torch.nn.Module) -> list[list[str]]:
@@ -51,13 +56,16 @@ class ZooEntry:
         return stacks
 
 
+# example inputs are made on the CPU (seeded, the same on every machine); ZooEntry.build moves them
+
+
 def _randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=gen)
+    return torch.randn(*shape, generator=gen, device="cpu")
 
 
 def _steps(gen: torch.Generator, batch: int, high: float) -> torch.Tensor:
     # the same timestep for the whole batch, as a sampler does
-    return torch.full((batch,), float(torch.rand((), generator=gen)) * high)
+    return torch.full((batch,), float(torch.rand((), generator=gen, device="cpu")) * high, device="cpu")
 
 
 def _flux():
@@ -71,17 +79,17 @@ def _flux():
 
 
 def _flux_inputs(gen, batch):
-    img_ids = torch.zeros(16, 3)
-    img_ids[:, 1] = torch.arange(16) // 4
-    img_ids[:, 2] = torch.arange(16) % 4
+    img_ids = torch.zeros(16, 3, device="cpu")
+    img_ids[:, 1] = torch.arange(16, device="cpu") // 4
+    img_ids[:, 2] = torch.arange(16, device="cpu") % 4
     return {
         "hidden_states": _randn(gen, batch, 16, 16),
         "encoder_hidden_states": _randn(gen, batch, 8, 32),
         "pooled_projections": _randn(gen, batch, 16),
         "timestep": _steps(gen, batch, 1.0),
         "img_ids": img_ids,
-        "txt_ids": torch.zeros(8, 3),
-        "guidance": torch.full((batch,), 3.5),
+        "txt_ids": torch.zeros(8, 3, device="cpu"),
+        "guidance": torch.full((batch,), 3.5, device="cpu"),
     }
 
 
@@ -136,7 +144,8 @@ def _dit_inputs(gen, batch):
     return {
         "hidden_states": _randn(gen, batch, 4, 8, 8),
         "timestep": _steps(gen, batch, 1000.0).long(),
-        "class_labels": torch.randint(0, 10, (batch,), generator=gen),
+        "class_labels": torch.randint(0, 10, (batch,), generator=gen,
+                                      device="cpu"),
     }
 
 
@@ -250,10 +259,11 @@ def names() -> list[str]:
     return list(ZOO)
 
 
-def build(name: str, seed: int = 0, batch: int = 2, dtype: torch.dtype = torch.float32):
-    """Build zoo model ``name``; returns ``(model, inputs)``."""
+def build(name: str, seed: int = 0, batch: int = 2, dtype: torch.dtype = torch.float32,
+          device: torch.device | str = "cpu"):
+    """Build zoo model ``name`` on ``device``; returns ``(model, inputs)``."""
     try:
         entry = ZOO[name]
     except KeyError:
         raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(ZOO)}") from None
-    return entry.build(seed=seed, batch=batch, dtype=dtype)
+    return entry.build(seed=seed, batch=batch, dtype=dtype, device=device)
