@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -38,7 +39,7 @@ def demo(args: argparse.Namespace) -> int:
             t2 = time.perf_counter()
             t_ref, t_opt = t_ref + (t1 - t0), t_opt + (t2 - t1)
             mse = float((got - ref).pow(2).mean())
-            psnrs.append(10 * torch.log10(torch.tensor(4.0 / mse)).item() if mse > 0 else float("inf"))
+            psnrs.append(10 * math.log10(4.0 / mse) if mse > 0 else float("inf"))
     log.info("3/4 write the profile report, heatmap, search report and plan ...")
     prof = opt.profile
     with open(os.path.join(out, "profile.txt"), "w") as f:

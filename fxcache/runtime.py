@@ -14,6 +14,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from fxcache import _compat
@@ -311,7 +312,7 @@ class OptimizedDenoiser(torch.nn.Module):
         return (uncond, *flat[1:n_out]), n_out, spec
 
     def _run(self, variant: Variant, leaves: list, cache: dict, step: int, branch: int, acts: dict,
-             tail: Sequence[torch.Tensor] = (), store: bool = True, keep: torch.Tensor | None = None) -> tuple:
+             tail: Sequence[torch.Tensor] = (), store: bool = True, keep: np.ndarray | None = None) -> tuple:
         """Run one variant: inputs = call leaves + cache reads (+ ``tail``: cut tensors); store its writes (per
         sample where ``keep`` is True the old cache value is kept)."""
         gm = self._graphs[variant]
@@ -408,9 +409,10 @@ class OptimizedDenoiser(torch.nn.Module):
         st = self._token_state.setdefault(n, {})
         if st.get("step") == step:
             return st["index"].to(device)
+        # drawn on the host: the same tokens on every device, and the staleness bookkeeping stays there
         gen = torch.Generator().manual_seed(int(self.plan.tokens.get("seed", 0)) * 1_000_003 + step * 131 + n)
-        noise = torch.rand(n, generator=gen)
-        last = st.get("last", torch.zeros(n))
+        noise = torch.rand(n, generator=gen, device="cpu")
+        last = st.get("last", torch.zeros(n, device="cpu"))
         score = (step - last) + 0.5 * noise if self.plan.tokens.get("score") == "staleness" else noise
         index = torch.topk(score, k).indices.sort().values
         last = last.clone()
@@ -465,13 +467,13 @@ class OptimizedDenoiser(torch.nn.Module):
         cut, signal = list(pre[:n_cut]), list(pre[n_cut:])
         state = self._gate_state.setdefault(branch, {})
         ready = may_skip and all(k in cache for k in self.plan.gate["skip"])
-        skip_mask = self._gate.decide(state, signal, ready)  # bool per sample
+        skip_mask = self._gate.decide(state, signal, ready)  # host bool array, one per sample
         skip_acts = dict(self.plan.gate["skip"])
         self._count(branch, prefix, cached=False, part=True)
-        if bool(skip_mask.all()):
+        if skip_mask.all():
             flat = self._run(skip, leaves, cache, step, branch, skip_acts, tail=cut)
             self._count(branch, skip, cached=True)
-        elif not bool(skip_mask.any()):
+        elif not skip_mask.any():
             flat = self._run(compute, leaves, cache, step, branch, {}, tail=cut)
             self._count(branch, compute, cached=False)
         else:
@@ -485,7 +487,7 @@ class OptimizedDenoiser(torch.nn.Module):
         return flat, io["num_model_outputs"], io["out_spec"]
 
     def _store(self, cache: dict[str, _Entry], key: str, values: list[torch.Tensor], step: int,
-               keep: torch.Tensor | None = None) -> None:
+               keep: np.ndarray | None = None) -> None:
         max_order = self._max_order.get(key, 0)
         entry = cache.get(key)
         if entry is not None and keep is not None:  # samples that skipped keep their cached value
@@ -547,32 +549,42 @@ def _low_pass_mask(x: torch.Tensor, radius: float) -> torch.Tensor:
     return (yy ** 2 + xx ** 2).float().sqrt() <= radius * min(h, w)
 
 
-def _where_batch(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per sample (dim 0): ``a`` where ``mask`` else ``b``."""
-    if not isinstance(a, torch.Tensor) or a.dim() == 0 or a.shape[0] != mask.shape[0]:
+def _where_batch(mask: np.ndarray, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per sample (dim 0): ``a`` where the host bool array ``mask`` is True, else ``b``."""
+    if not isinstance(a, torch.Tensor) or a.dim() == 0 or a.shape[0] != len(mask):
         return b
-    return torch.where(mask.to(a.device).reshape(-1, *([1] * (a.dim() - 1))), a, b)
+    m = torch.as_tensor(np.asarray(mask, dtype=bool), device=a.device)  # host -> device: no sync
+    return torch.where(m.reshape(-1, *([1] * (a.dim() - 1))), a, b)
 
 
 def _per_sample_rel_l1(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-    """mean|a − b| / mean|b| per sample (dim 0), over all tensors of a point."""
+    """mean|a − b| / mean|b| per sample (dim 0), over all tensors of a point; on their device."""
     num = sum((x.float() - y.float()).abs().flatten(1).sum(1) for x, y in zip(a, b))
     den = sum(y.float().abs().flatten(1).sum(1) for y in b)
     return num / den.clamp_min(1e-12)
 
 
+def _to_host(t: torch.Tensor) -> np.ndarray:
+    """The step's one device→host read of a gate: per-sample values as float64 on the host."""
+    return t.double().cpu().numpy() if t.device.type != "mps" else t.float().cpu().numpy().astype(np.float64)
+
+
+# Gates decide on the host: their accumulators and decisions are numpy arrays (one entry per sample), so the only
+# device→host transfer of a gated step is the one ``_to_host`` call in ``decide``.
+
+
 class _FBCacheGate:
     """First-Block Cache: skip when the first block's residual changed by less than ``threshold`` (relative L1)
-    since the last step that computed. Decided on the host (one sync per step, the value of one scalar/sample)."""
+    since the last step that computed. One host read per gated call (one scalar per sample)."""
 
     def __init__(self, spec):
         self.threshold = float(spec["threshold"])
 
-    def decide(self, state, signal, ready):
+    def decide(self, state, signal, ready) -> np.ndarray:
         prev = state.get("computed")
         if prev is None or not ready:
-            return torch.zeros(signal[0].shape[0], dtype=torch.bool)
-        return (_per_sample_rel_l1(signal, prev) < self.threshold).cpu()
+            return np.zeros(signal[0].shape[0], dtype=bool)
+        return _to_host(_per_sample_rel_l1(signal, prev)) < self.threshold
 
     def update(self, state, signal, skip, output=None):
         prev = state.get("computed")
@@ -582,28 +594,28 @@ class _FBCacheGate:
 class _TeaCacheGate:
     """TeaCache: accumulate the rescaled (polynomial, fitted on the profile) relative L1 change of the first block's
     modulated input between consecutive steps; skip while the sum stays below ``threshold``, reset it on compute.
-    One host sync per step."""
+    One host read per gated call."""
 
     def __init__(self, spec):
         self.threshold = float(spec["threshold"])
         self.coefficients = [float(c) for c in spec["coefficients"]]
 
-    def decide(self, state, signal, ready):
+    def decide(self, state, signal, ready) -> np.ndarray:
         prev = state.get("previous")
         n = signal[0].shape[0]
         if prev is None or not ready:
-            state["pending"] = torch.zeros(n, dtype=torch.float64)
-            return torch.zeros(n, dtype=torch.bool)
-        d = _per_sample_rel_l1(signal, prev).double().cpu()
-        rescaled = torch.zeros_like(d)
+            state["pending"] = np.zeros(n, dtype=np.float64)
+            return np.zeros(n, dtype=bool)
+        d = _to_host(_per_sample_rel_l1(signal, prev))
+        rescaled = np.zeros_like(d)
         for c in self.coefficients:  # Horner, highest power first
             rescaled = rescaled * d + c
-        acc = state.get("acc", torch.zeros(n, dtype=torch.float64)) + rescaled
+        acc = state.get("acc", np.zeros(n, dtype=np.float64)) + rescaled
         state["pending"] = acc
         return acc < self.threshold
 
     def update(self, state, signal, skip, output=None):
-        state["acc"] = torch.where(skip, state["pending"], torch.zeros_like(state["pending"]))
+        state["acc"] = np.where(skip, state["pending"], 0.0)
         state["previous"] = signal
 
 
@@ -611,23 +623,26 @@ class _EasyCacheGate:
     """EasyCache: from the last two computed steps i > j, k = mean|v_i − v_j| / mean|x_i − x_j| (output change per
     input change); at a later step n accumulate E += k·mean|x_n − x_{n−1}| / mean|v_i| and skip — output
     x_n + (v_i − x_i) — while E < ``threshold``; reset on compute. Needs the sample input only, so nothing of the
-    model runs before the decision; one host sync per step. Per sample."""
+    model runs before the decision. Per sample. The rates stay on the model's device; the one host read per gated
+    call is the increment of E."""
 
     def __init__(self, spec):
         self.threshold = float(spec["threshold"])
 
     @staticmethod
     def _mean_abs(t):
-        return t.float().abs().flatten(1).mean(1).double().cpu()
+        """Per-sample mean |t|, widened to float64 on t's device (MPS has no float64)."""
+        m = t.float().abs().flatten(1).mean(1)
+        return m if t.device.type == "mps" else m.double()
 
-    def decide(self, state, signal, ready):
+    def decide(self, state, signal, ready) -> np.ndarray:
         x = signal[0]
         n = x.shape[0]
-        state["pending"] = state.get("acc", torch.zeros(n, dtype=torch.float64))
+        state["pending"] = state.get("acc", np.zeros(n, dtype=np.float64))
         if not ready or "k" not in state or "x_prev" not in state:
-            return torch.zeros(n, dtype=torch.bool)
+            return np.zeros(n, dtype=bool)
         eps = state["k"] * self._mean_abs(x - state["x_prev"]) / self._mean_abs(state["v_i"]).clamp_min(1e-12)
-        state["pending"] = state["pending"] + eps
+        state["pending"] = state["pending"] + _to_host(eps)
         return state["pending"] < self.threshold
 
     def update(self, state, signal, skip, output=None):
@@ -640,16 +655,14 @@ class _EasyCacheGate:
             state["x_i"], state["v_i"] = _where_batch(keep, state["x_i"], x), _where_batch(keep, state["v_i"], v)
             state["x_j"], state["v_j"] = x_j, v_j
             k = self._mean_abs(state["v_i"] - v_j) / self._mean_abs(state["x_i"] - x_j).clamp_min(1e-12)
-            have_two = state.get("have_two", torch.zeros_like(computed)) | computed
-            state["k"] = torch.where(computed, k, state.get("k", k))
-            if bool(have_two.all()):
-                state["have_two"] = have_two
-            else:
+            have_two = state.get("have_two", np.zeros_like(computed)) | computed
+            state["k"] = _where_batch(computed, k, state.get("k", k))
+            state["have_two"] = have_two
+            if not have_two.all():
                 state.pop("k", None)
-                state["have_two"] = have_two
         else:
             state["x_i"], state["v_i"] = x, v
-        state["acc"] = torch.where(skip, state["pending"], torch.zeros_like(state["pending"]))
+        state["acc"] = np.where(skip, state["pending"], 0.0)
         state["x_prev"] = x
 
 

@@ -22,6 +22,7 @@ import torch.fx
 
 from fxcache import _compat
 from fxcache.analysis.structure import Stack, Structure, discover_structure
+from fxcache.devices import device_of
 from fxcache.errors import InputError, TraceError
 from fxcache.ir import dump as _dump
 from fxcache.ir import fingerprint as _fingerprint
@@ -44,14 +45,15 @@ class _Signature:
 
     def __init__(self, model: torch.nn.Module):
         self.owner = type(model).__name__
+        self.model = model
         try:
             self.sig = inspect.signature(model.forward)
         except (TypeError, ValueError) as e:  # builtins without a signature
             raise InputError(f"cannot read the signature of {self.owner}.forward: {e}") from e
         self.params = self.sig.parameters
         self.has_return_dict = "return_dict" in self.params
-        # python numbers passed where the signature admits a tensor become tensors, so the graph takes them as
-        # inputs instead of baking them in (a UNet's `timestep: Tensor | float | int`)
+        # python numbers passed where the signature admits a tensor become tensors on the model's device, so the
+        # graph takes them as inputs instead of baking them in (a UNet's `timestep: Tensor | float | int`)
         self.tensor_params = {n for n, p in self.params.items() if "Tensor" in str(p.annotation)}
 
     def describe(self) -> str:
@@ -69,7 +71,7 @@ class _Signature:
         for name, value in bound.arguments.items():
             kind = self.params[name].kind
             if name in self.tensor_params and isinstance(value, (int, float)) and not isinstance(value, bool):
-                value = torch.tensor(value)
+                value = torch.tensor(value, device=device_of(self.model))
             if kind is inspect.Parameter.VAR_POSITIONAL:
                 call_args.extend(value)
             elif kind is inspect.Parameter.POSITIONAL_ONLY:

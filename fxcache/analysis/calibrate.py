@@ -12,6 +12,9 @@ Stages, top to bottom:
    ratio, and the error of each predictor (:mod:`fxcache.predictors`) for every spacing × horizon, against the true
    value. Only the last ``max(horizons) + 2·max(spacings)`` steps of each point are held, so memory is
    O(points × history), independent of the number of steps and prompts.
+   Statistics stay on the model's device: per call, one device→host transfer reads the step input (needed to
+   map the call to a step) together with the statistics of the calls before it (:class:`_HostReads`), so a CUDA
+   model syncs once per call and never per point or per metric.
 4. **sensitivity** — (a) estimate, for every (point, step): the model-output error when the point is reused from
    the previous step, by one extra forward in place; (b) measure, for a sample of (point, step): re-run the whole
    loop with that approximation and compare the final samples. A per-step gain fitted on (b) turns (a) into an
@@ -73,6 +76,45 @@ class Options:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# host reads
+
+
+class _HostReads:
+    """Device scalars the calibration needs on the host, read together: :meth:`read` moves the values it is given
+    *and* every value queued with :meth:`defer` in one transfer per device, then hands each queued value to its
+    callback (which may raise: the queue is emptied first)."""
+
+    def __init__(self):
+        self._queue: list[tuple[torch.Tensor, Callable[[list[float]], None]]] = []
+
+    def defer(self, values: torch.Tensor, then: Callable[[list[float]], None]) -> None:
+        self._queue.append((values.detach().reshape(-1), then))
+
+    def clear(self) -> None:
+        self._queue = []
+
+    def read(self, head: Sequence[torch.Tensor] = ()) -> list[list[float]]:
+        queue, self._queue = self._queue, []
+        parts = [t.detach().reshape(-1) for t in head] + [t for t, _ in queue]
+        if not parts:
+            return []
+        by_device: dict[torch.device, list[int]] = {}
+        for i, t in enumerate(parts):
+            by_device.setdefault(t.device, []).append(i)
+        values: list[list[float]] = [[] for _ in parts]
+        for device, idx in by_device.items():
+            wide = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+            flat = torch.cat([parts[i].to(wide) for i in idx]).tolist()  # the one transfer for this device
+            pos = 0
+            for i in idx:
+                n = parts[i].numel()
+                values[i], pos = flat[pos:pos + n], pos + n
+        for (_, then), got in zip(queue, values[len(head):]):
+            then(got)
+        return values[:len(head)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # the probe consumer
 
 
@@ -119,7 +161,7 @@ def _token_dim(t: torch.Tensor) -> int:
 def _step_metrics(values, hist: OrderedDict, step: int, opts: Options) -> list[torch.Tensor]:
     """[norm, rel_l1, cosine, mag_ratio, pred_err(pred, spacing, horizon)...] as 0-dim float tensors (NaN when the
     history is too short)."""
-    nan = torch.tensor(float("nan"))
+    nan = values[0].new_full((), float("nan"), dtype=torch.float32)  # on the features' device
     numel = sum(v.numel() for v in values)
     v_abs = _sum_abs(values)
     row = [v_abs / numel]
@@ -200,6 +242,7 @@ class Calibration:
         self.replay: tuple[str, int] | None = None
         self.reference_sums: dict[int, list[float]] = {}
         self.progress: Any = None
+        self._reads = _HostReads()
         if traced is not None:
             self._instrument(traced)
 
@@ -271,7 +314,7 @@ class Calibration:
         record = self._advance(run, leaves)
         sample = leaves[self.sample_index] if self.sample_index is not None else None
         if self.mode == "replay":
-            self._check_replay(run, record, sample)
+            self._check_replay(record, sample)
         rec = self.recorder
         assert rec is not None and self.gm is not None
         self._set_substitution(rec, record)
@@ -285,7 +328,8 @@ class Calibration:
             if self.estimate_sensitivity and record.step >= 1:
                 self._estimate(record, args, kwargs, out)
             if run.prompt == 0 and sample is not None:
-                self.reference_sums.setdefault(0, []).append(float(sample.double().sum()))
+                ref = self.reference_sums.setdefault(0, [])
+                self._reads.defer(sample.double().sum(), lambda v, ref=ref: ref.append(v[0]))
         else:
             self._push(record, values)
         if self.progress is not None and record.branch == 0:
@@ -295,19 +339,32 @@ class Calibration:
         return out
 
     def _advance(self, run: _Run, leaves) -> CallRecord:
+        """Map this call to (step, branch). The step input and the batched-CFG test are read in the call's one
+        host transfer, which also delivers the queued statistics of the calls before it."""
+        head: list[torch.Tensor] = []
         t = None
         if self.step_index is not None:
             v = leaves[self.step_index]
-            t = float(v.reshape(-1)[0]) if isinstance(v, torch.Tensor) else float(v)
+            if isinstance(v, torch.Tensor):
+                head.append(v.reshape(-1)[:1])
+            else:
+                t = float(v)
+        sample = leaves[self.sample_index] if self.sample_index is not None else None
+        maybe_batched = (sample is not None and sample.dim() > 0 and sample.shape[0] % 2 == 0
+                         and sample.shape[0] >= 2)
+        if maybe_batched:
+            a, b = sample.chunk(2, dim=0)
+            head.append((a == b).all())
+        got = self._reads.read(head)
+        if self.step_index is not None and isinstance(leaves[self.step_index], torch.Tensor):
+            t = got[0][0]
+        batched = bool(maybe_batched and got[-1][0])
         if t is not None and run.last_t is not None and t == run.last_t:
             run.branch += 1
         else:
             run.step += 1
             run.branch = 0
         run.last_t = t
-        sample = leaves[self.sample_index] if self.sample_index is not None else None
-        batched = (sample is not None and sample.dim() > 0 and sample.shape[0] % 2 == 0 and sample.shape[0] >= 2
-                   and torch.equal(*sample.chunk(2, dim=0)))
         if batched and run.branch:
             raise ProfileError(f"prompt {run.prompt}: step {run.step} has a batched-CFG call *and* a second call at "
                                "the same step input; fxcache cannot tell the branches apart")
@@ -331,7 +388,13 @@ class Calibration:
                 row = _step_metrics(vs, hist, record.step, self.opts)
                 rows.append((p.key, branch, len(row)))
                 flat.extend(row)
-        numbers = torch.stack([x.float().reshape(()) for x in flat]).tolist() if flat else []
+        if flat:  # read on the host with the next call's step input (one transfer per call)
+            stacked = torch.stack([x.float().reshape(()) for x in flat])
+            self._reads.defer(stacked, lambda numbers: self._store_rows(run, record, rows, numbers))
+        self._push(record, values)
+
+    def _store_rows(self, run: _Run, record: CallRecord, rows: list[tuple[str, int, int]],
+                    numbers: list[float]) -> None:
         pos, bad = 0, []
         for key, branch, n in rows:
             row = np.asarray(numbers[pos:pos + n], dtype=np.float64)
@@ -346,7 +409,6 @@ class Calibration:
             raise ProfileError(f"NaN or Inf in {where} at step {record.step} (prompt {run.prompt}, branch {branch}, "
                                f"call {record.index}); the model or sampler diverged — check the weights, the dtype "
                                "(fp16 overflow), the scheduler settings and the inputs")
-        self._push(record, values)
 
     def _push(self, record: CallRecord, values: dict[str, list[torch.Tensor]]) -> None:
         lookback = self.opts.lookback
@@ -382,6 +444,7 @@ class Calibration:
         ref = _first_tensor(out)
         rec = self.recorder
         rec.recording = False
+        keys, errs = [], []
         try:
             for p in self.points:
                 prev = self._previous(p.key, record)
@@ -391,12 +454,20 @@ class Calibration:
                 with rec:
                     approx = _first_tensor(self.gm(*args, **kwargs))
                 rec.substitute = {}
-                errs = [float((a.float() - r.float()).norm() / r.float().norm().clamp_min(1e-12))
-                        for a, r in zip(_halves(approx, record), _halves(ref, record))]
-                self.out_err.setdefault(p.key, {}).setdefault(record.step, []).extend(errs)
+                halves = list(zip(_halves(approx, record), _halves(ref, record)))
+                keys.append((p.key, len(halves)))
+                errs += [(a.float() - r.float()).norm() / r.float().norm().clamp_min(1e-12) for a, r in halves]
         finally:
             rec.substitute = {}
             rec.recording = True
+        if errs:
+            self._reads.defer(torch.stack(errs), lambda v: self._store_out_err(record.step, keys, v))
+
+    def _store_out_err(self, step: int, keys: list[tuple[str, int]], values: list[float]) -> None:
+        pos = 0
+        for key, n in keys:
+            self.out_err.setdefault(key, {}).setdefault(step, []).extend(values[pos:pos + n])
+            pos += n
 
     def _set_substitution(self, rec: _Recorder, record: CallRecord) -> None:
         if self.mode == "replay" and self.replay is not None and record.step == self.replay[1]:
@@ -407,11 +478,14 @@ class Calibration:
                                    f"{record.step - 1}")
             rec.substitute = {key: prev}
 
-    def _check_replay(self, run: _Run, record: CallRecord, sample) -> None:
+    def _check_replay(self, record: CallRecord, sample) -> None:
         ref = self.reference_sums.get(0, [])
         if sample is None or record.step > self.replay[1] or record.index >= len(ref):
             return
-        got, want = float(sample.double().sum()), ref[record.index]
+        self._reads.defer(sample.double().sum(), lambda v: self._compare_replay(record, v[0], ref[record.index]))
+
+    @staticmethod
+    def _compare_replay(record: CallRecord, got: float, want: float) -> None:
         if not math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9):
             raise ProfileError(
                 f"re-running prompt 0 gave a different sample input at call {record.index} (step {record.step}) "
@@ -430,8 +504,10 @@ class Calibration:
         try:
             torch.manual_seed(self.opts.seed + index)
             final = invoke(self)
+            self._reads.read()  # the last call's statistics
         finally:
             self.run = None
+            self._reads.clear()
         if not run.calls:
             raise ProfileError(f"the sampling loop for prompt {index} returned without calling the denoiser; "
                                "a sampler must call denoiser(...) at least once per step")
@@ -449,8 +525,10 @@ class Calibration:
                 ok = np.isfinite(row)
                 sums[where] = sums.get(where, np.zeros_like(row)) + np.where(ok, row, 0.0)
                 counts[where] = counts.get(where, np.zeros_like(row)) + ok
+        final = _final_tensor(final, "the sampling loop's result")
+        _check_finite(final, f"the final sample of prompt {index} (the sampling loop's result)")
         if index == 0:
-            self.reference_final = _final_tensor(final, "the sampling loop's result")
+            self.reference_final = final
         self.history = {}
 
     def measure(self, key: str, step: int, invoke: Callable[[Callable], Any]) -> float:
@@ -465,8 +543,10 @@ class Calibration:
         try:
             torch.manual_seed(self.opts.seed)
             final = _final_tensor(invoke(self), "the sampling loop's result")
+            self._reads.read()  # deferred determinism checks
         finally:
             self.run = None
+            self._reads.clear()
             self.mode = "record"
             self.replay = None
             self.recorder.track = saved_track
@@ -486,6 +566,12 @@ def _first_tensor(out) -> torch.Tensor:
         if isinstance(x, torch.Tensor):
             return x
     raise ProfileError("the denoiser returned no tensor")
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ProfileError(f"NaN or Inf in {what}: the model or sampler diverged — check the weights, the dtype "
+                           "(fp16 overflow), the scheduler settings and the inputs")
 
 
 def _halves(t: torch.Tensor, record: CallRecord) -> list[torch.Tensor]:

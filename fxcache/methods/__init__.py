@@ -28,6 +28,7 @@ __all__ = [
     "EasyCache",
     "FBCache",
     "FasterCache",
+    "Foresight",
     "Full",
     "HiCache",
     "MagCache",

@@ -46,7 +46,7 @@ class ReadFromCache(FxPass):
         position = {n: i for i, n in enumerate(graph.nodes)}
         reads = sorted(self.reads, key=lambda r: min(position[by_key[k]] for k in r[0].nodes))  # graph order
         for point, order in reads:
-            coefs = [new_input(f"coef:{point.key}.c{j}", torch.empty((), dtype=torch.float32))
+            coefs = [new_input(f"coef:{point.key}.c{j}", torch.empty((), dtype=torch.float32, device="meta"))
                      for j in range(1, order + 1)]
             for i, (node_key, base_key) in enumerate(zip(point.nodes, point.bases)):
                 node = by_key[node_key]
