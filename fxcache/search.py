@@ -7,11 +7,14 @@ Stages, top to bottom:
    a set of fully computed steps sized to the target and placed either uniformly or where the profile says
    approximation hurts most (estimated sensitivity summed over the granularity's points).
 2. **exact cost** — each static candidate is specialised and its ``computed_fraction`` computed from its step
-   graphs' FLOPs (no run needed); candidates off the target (more than 5 % above it) are dropped.
+   graphs' FLOPs (no run needed). A speed target is a *floor*: candidates computing more than ``1/speedup`` (plus
+   :data:`FLOOR_SLACK`) are dropped; faster ones stay.
 3. **predicted error** — from the profile: for every cached (point, step), the estimated final-sample change of
    reusing it, scaled by the predictor's error relative to reuse at that distance; summed.
-4. **validation** — the best-predicted candidates (and every library method on target) are *run* on the
-   calibration prompts and compared with the uncached final samples; the lowest measured error wins.
+4. **validation** — the best-predicted candidates (and, of every library method, its slowest setting that meets
+   the target) are *run* on the calibration prompts and compared with the uncached final samples; the lowest
+   measured error wins — among plans whose measured errors are near-equal (within :data:`NEAR_EQUAL` of the
+   best), the one closest to the target (most computed work). The report says why the plan was chosen.
 
 ``tolerance`` mode walks speed targets from fast to slow and returns the fastest plan whose measured error meets
 it. Errors are the relative L2 distance of the final sample to the uncached one (mean over calibration prompts).
@@ -22,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,6 +44,10 @@ log = logging.getLogger(__name__)
 __all__ = ["Candidate", "SearchResult", "search"]
 
 TOLERANCE_SPEEDUPS = (8.0, 6.0, 5.0, 4.0, 3.0, 2.5, 2.0, 1.5, 1.25)
+#: a plan meets ``speedup=s`` when its computed fraction is ≤ (1/s)·(1 + FLOOR_SLACK)
+FLOOR_SLACK = 0.02
+#: measured errors within this relative distance of the best are near-equal (the plan closer to the target wins)
+NEAR_EQUAL = 0.05
 _ACTIONS = ("reuse", "taylor1", "taylor2", "ab2", "hermite")
 
 
@@ -60,16 +68,22 @@ class SearchResult:
     candidates: list[Candidate]
     target_fraction: float | None
     tolerance: float | None
+    reason: str = ""
 
     def report(self) -> str:
-        lines = [f"fxcache plan search: {len(self.candidates)} candidates"
-                 + (f", target computed fraction {self.target_fraction:.3f}" if self.target_fraction else "")
+        target = ""
+        if self.target_fraction:
+            target = (f", target computed fraction <= {self.target_fraction:.3f} (speedup >= "
+                      f"{1 / self.target_fraction:.3g}; {FLOOR_SLACK:.0%} slack allowed)")
+        lines = [f"fxcache plan search: {len(self.candidates)} candidates validated" + target
                  + (f", tolerance (rel. L2) {self.tolerance:g}" if self.tolerance is not None else ""),
                  f"{'candidate':<44} {'fraction':>8} {'predicted':>10} {'measured':>9} {'PSNR':>7}"]
         for c in sorted(self.candidates, key=lambda c: (math.isnan(c.measured), c.measured, c.fraction)):
             mark = " <- chosen" if c is self.best else ""
             lines.append(f"{c.name[:44]:<44} {c.fraction:>8.3f} {c.predicted:>10.4g} {c.measured:>9.4g} "
                          f"{c.psnr:>7.2f}{mark}")
+        if self.reason:
+            lines += ["", f"why: {self.reason}"]
         return "\n".join(lines)
 
 
@@ -160,7 +174,8 @@ def _predictor_scale(prof: Profile, key: str, action: str, k: int, d: int, s: in
     d = min(d, max(opts["spacings"]))
     if k not in opts["horizons"] or d not in opts["spacings"]:
         return 1.0
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows (too little history) give NaN, handled below
         err = np.nanmean(prof.predictor_error(key, action, horizon=k, spacing=d))
         ref = np.nanmean(prof.predictor_error(key, "reuse", horizon=1, spacing=1))
     if not (np.isfinite(err) and np.isfinite(ref)) or ref <= 0:
@@ -226,33 +241,49 @@ def search(prof: Profile, run_loop: Callable[[Any, int], torch.Tensor], num_prom
         return cand
 
     def for_target(fraction: float) -> list[Candidate]:
-        found = []
+        """Candidates whose computed fraction meets the floor ``fraction`` (+ slack): of each library method its
+        slowest setting that meets it, and scheduled plans with as many full steps as the floor allows (and one
+        fewer) at every granularity, placement and action."""
+        ceiling = fraction * (1.0 + FLOOR_SLACK)
+        found: list[Candidate] = []
+        families: dict[str, Candidate] = {}
         for name, plan in _library(ctx):
             c = build(name, plan)
-            if c is not None and c.fraction <= fraction * 1.05 and c.fraction >= fraction * 0.95:
-                found.append(c)
+            if c is None or c.fraction > ceiling:
+                continue
+            family = _family(name)
+            if family not in families or c.fraction > families[family].fraction:
+                families[family] = c
+        found += families.values()
         t = prof.num_steps
         for gran, keys in _granularities(ctx).items():
             weights = _step_weights(prof, keys)
             probe = build(f"{gran}:reuse:probe", _scheduled(ctx, gran, "reuse", [0]))
-            if probe is None:
-                continue
-            if t < 2:
+            if probe is None or t < 2:
                 continue
             cached = (probe.fraction * t - 1.0) / (t - 1)  # computed fraction of one cached step
-            if cached >= fraction or cached >= 1.0:
+            if cached >= 1.0:
+                continue
+            k_max = math.floor(t * (ceiling - cached) / (1.0 - cached) + 1e-9)
+            if k_max < 1:
                 continue  # even caching every step but the first misses the target at this granularity
-            k = int(np.clip(round(t * (fraction - cached) / (1.0 - cached)), 1, t))
-            for kk in sorted({k - 1, k, k + 1}):
-                if not 1 <= kk <= t:
-                    continue
+            for kk in range(max(1, k_max - 1), min(t, k_max + 1) + 1):
                 for place, full in _placements(t, kk, weights, warmup=min(2, kk)).items():
                     for action in _ACTIONS:
                         name = f"{gran} {action}, {kk}/{t} full ({place})"
                         c = build(name, _scheduled(ctx, gran, action, full))
-                        if c is not None and fraction * 0.95 <= c.fraction <= fraction * 1.05:
+                        if c is not None and c.fraction <= ceiling:
                             found.append(c)
-        return found
+        return list(dict.fromkeys(found))  # one plan reached under several names is one candidate
+
+    def fastest() -> Candidate | None:
+        """The least computed fraction of any plan fxcache can build here (one full step at each granularity,
+        every library method at its longest interval)."""
+        for gran in _granularities(ctx):
+            build(f"{gran}:reuse:probe", _scheduled(ctx, gran, "reuse", [0]))
+        for name, plan in _library(ctx):
+            build(name, plan)
+        return min(cache.values(), key=lambda c: c.fraction, default=None)
 
     def validate(cands: list[Candidate]) -> None:
         library = [c for c in cands if not c.name.startswith(("layer ", "block ", "stack "))]
@@ -267,12 +298,19 @@ def search(prof: Profile, run_loop: Callable[[Any, int], torch.Tensor], num_prom
         target = 1.0 / speedup
         cands = for_target(target)
         if not cands:
-            raise InputError(f"no plan reaches speedup {speedup:g} (computed fraction {target:.3f} ± 5 %) on this "
-                             f"model with {prof.num_steps} steps; try a smaller speedup")
+            best_possible = fastest()
+            reach = (f"the fastest plan fxcache can build here ({best_possible.name}) computes "
+                     f"{best_possible.fraction:.3f} of the work (speedup {1 / best_possible.fraction:.2f})"
+                     if best_possible is not None else "no cached plan applies to this model")
+            raise InputError(f"no plan reaches speedup {speedup:g} (computed fraction <= {target:.3f}) on this model "
+                             f"with {prof.num_steps} steps: {reach}; ask for a smaller speedup")
         validate(cands)
-        measured = [c for c in cands if np.isfinite(c.measured)]
-        best = min(measured, key=lambda c: (c.measured, c.fraction))
-        return SearchResult(best, measured, target, None)
+        measured = [c for c in dict.fromkeys(cands) if np.isfinite(c.measured)]
+        if not measured:
+            raise InputError(f"every candidate plan for speedup {speedup:g} produced a non-finite final sample on the "
+                             "calibration prompts; check the model and sampler (the uncached run was finite)")
+        best, reason = _choose(measured, target)
+        return SearchResult(best, measured, target, None, reason)
 
     tried: list[Candidate] = []
     for s in TOLERANCE_SPEEDUPS:
@@ -281,16 +319,40 @@ def search(prof: Profile, run_loop: Callable[[Any, int], torch.Tensor], num_prom
             continue
         validate(cands)
         measured = [c for c in cands if np.isfinite(c.measured)]
-        tried += measured
+        tried += [c for c in measured if c not in tried]
         ok = [c for c in measured if c.measured <= tolerance]
         if ok:
             best = min(ok, key=lambda c: (c.fraction, c.measured))
-            return SearchResult(best, tried, None, tolerance)
+            tried_speedups = ", ".join(f"{x:g}" for x in TOLERANCE_SPEEDUPS[:TOLERANCE_SPEEDUPS.index(s) + 1])
+            reason = (f"the fastest validated plan whose measured error {best.measured:.4g} is within the tolerance "
+                      f"{tolerance:g} (speedups tried, fastest first: {tried_speedups})")
+            return SearchResult(best, tried, None, tolerance, reason)
     full = build("full", Plan(prof.fingerprint, prof.num_steps, [{} for _ in range(prof.num_steps)],
                               method="Full", timesteps=list(prof.timesteps)))
     full.measured, full.psnr = 0.0, math.inf
     log.warning("no plan meets tolerance %g; returning the uncached plan (computed fraction 1.0)", tolerance)
-    return SearchResult(full, tried + [full], None, tolerance)
+    return SearchResult(full, tried + [full], None, tolerance,
+                        f"no validated plan met the tolerance {tolerance:g}: the uncached plan")
+
+
+def _family(name: str) -> str:
+    """A library candidate's method family: its repr without the interval (``TaylorSeer(order=2, ...)``)."""
+    import re
+
+    return re.sub(r"interval=\d+,? ?", "", name)
+
+
+def _choose(measured: list[Candidate], target: float) -> tuple[Candidate, str]:
+    """The lowest measured error; among near-equal errors the plan closest to the target (most computed work)."""
+    lowest = min(measured, key=lambda c: (c.measured, -c.fraction))
+    near = [c for c in measured if c.measured <= lowest.measured * (1.0 + NEAR_EQUAL) + 1e-12]
+    best = max(near, key=lambda c: (c.fraction, -c.measured))
+    head = (f"among {len(measured)} validated plans with computed fraction <= {target:.3f} (+{FLOOR_SLACK:.0%}), "
+            f"{best.name} (fraction {best.fraction:.3f}, speedup {1 / best.fraction:.2f})")
+    if best is lowest:
+        return best, head + f" has the lowest measured error ({best.measured:.4g} rel. L2)"
+    return best, (head + f" is within {NEAR_EQUAL:.0%} of the lowest measured error ({lowest.measured:.4g}, "
+                  f"{lowest.name} at fraction {lowest.fraction:.3f}) and closer to the target")
 
 
 def final_tensor(out) -> torch.Tensor:

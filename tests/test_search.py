@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import fxcache
-from fxcache.methods import FORA
+from fxcache.methods import FORA, PlanContext, Scheduled
+from fxcache.search import FLOOR_SLACK, NEAR_EQUAL, Candidate, _choose
 from fxcache.testing.digits import digits_model, digits_sampler
 
 pytest.importorskip("diffusers")
@@ -27,8 +28,12 @@ def auto3(model):
 
 def test_speedup_target_is_met_and_the_choice_is_the_best_measured(auto3):
     result = auto3.search
-    assert result.best.fraction <= (1 / 3) * 1.05 and result.best.fraction >= (1 / 3) * 0.95
-    assert all(result.best.measured <= c.measured for c in result.candidates)
+    assert result.best.fraction <= (1 / 3) * (1 + FLOOR_SLACK)
+    assert all(c.fraction <= (1 / 3) * (1 + FLOOR_SLACK) for c in result.candidates)  # a target is a floor
+    lowest = min(c.measured for c in result.candidates)
+    assert result.best.measured <= lowest * (1 + NEAR_EQUAL)
+    assert len({id(c) for c in result.candidates}) == len(result.candidates)
+    assert len({c.name for c in result.candidates}) == len(result.candidates)  # no candidate listed twice
     # the plan honours its predicted cost when it runs
     sampler = digits_sampler(steps=STEPS)
     with torch.no_grad():
@@ -52,9 +57,47 @@ def test_tolerance_returns_the_fastest_plan_within_it(model):
     assert not faster_ok
 
 
+def test_a_target_between_uniform_schedules_gets_the_best_faster_plan(model):
+    """Uniform schedules land at fractions around the target but none within ±5 % of it: the search must still
+    return a plan — the best one at least as fast as asked — and say why it chose it."""
+    sampler = digits_sampler(steps=STEPS)
+    prof = fxcache.profile(model, CALIB, sampler=sampler, sensitivity=4, progress=False)
+    ctx = PlanContext(prof.fingerprint, prof.num_steps, prof.cache_points, prof.timesteps, prof)
+    points = prof.cache_points + prof.signal_points
+
+    def fraction(k):
+        opt = fxcache.OptimizedDenoiser(prof.traced, Scheduled(full=k).plan(ctx), points)
+        return sum(opt._flops[v] for v in opt._variant_of_step) / (STEPS * opt._full_flops)
+
+    k = 4
+    low, high = fraction(k), fraction(k + 1)
+    target = (low * high) ** 0.5  # between two uniform stack schedules, more than 5 % from each
+    assert low < target * 0.95 and high > target * 1.05
+    opt = fxcache.optimize(model, CALIB, sampler=sampler, speedup=1 / target, profile=prof, progress=False)
+    assert opt.search.best.fraction <= target * (1 + FLOOR_SLACK)
+    report = opt.search_report()
+    assert "why:" in report and opt.search.best.name in report.split("why:")[1]
+    with torch.no_grad():
+        sampler(opt, {"label": 3, "seed": 9})
+    assert opt.stats()["computed_fraction"] <= target * (1 + FLOOR_SLACK)
+
+
+def test_near_equal_errors_prefer_the_plan_closer_to_the_target():
+    def cand(name, fraction, measured):
+        return Candidate(name, plan=None, fraction=fraction, measured=measured)
+
+    fast, slow, bad = cand("fast", 0.20, 0.100), cand("slow", 0.32, 0.103), cand("bad", 0.33, 0.5)
+    best, why = _choose([fast, slow, bad], 1 / 3)
+    assert best is slow and "closer to the target" in why and "fast" in why
+    clear = cand("clear", 0.25, 0.05)
+    best, why = _choose([fast, slow, clear], 1 / 3)
+    assert best is clear and "lowest measured error" in why
+
+
 def test_unreachable_targets(model, caplog):
     sampler = digits_sampler(steps=STEPS)
-    with pytest.raises(fxcache.InputError, match="no plan reaches speedup 50"):
+    with pytest.raises(fxcache.InputError, match=r"no plan reaches speedup 50 .*the fastest plan fxcache can build "
+                                                 r"here \(.*\) computes 0\.\d+ of the work"):
         fxcache.optimize(model, CALIB[:1], sampler=sampler, speedup=50.0, progress=False)
     with caplog.at_level(logging.WARNING):
         opt = fxcache.optimize(model, CALIB[:1], sampler=sampler, tolerance=1e-9, progress=False)
