@@ -44,3 +44,23 @@ def test_quality_benchmark_runs_with_peers(tmp_path):
     auto = next(r for r in result["rows"] if r["family"] == "fxcache auto")
     assert abs(auto["fraction"] - auto["fxcache_computed_fraction"]) < 1e-6  # fxcache's own count = FLOP counter
     assert (tmp_path / "quality_flux.png").stat().st_size > 10_000
+
+
+def test_gpu_check_rehearses_on_cpu(tmp_path):
+    """`python benchmarks/gpu_check.py --tiny`: every section runs and writes its rows (the GPU tests are skipped
+    here, and say so)."""
+    pytest.importorskip("cache_dit")
+    gpu_check = _load("gpu_check")
+    assert gpu_check.main(["--tiny", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert result["device"] == "cpu" and result["versions"]["torch"]
+    rows = {(r["section"], r["row"]): r for r in result["rows"]}
+    assert rows[("tests", "pytest -m gpu")]["returncode"] == 0
+    assert "skipped" in rows[("tests", "pytest -m gpu")]["summary"]
+    for model in ("tiny-dit", "tiny-flux"):
+        assert rows[(model, "(section)")]["returncode"] == 0
+        assert rows[(model, "uncached eager")]["wall_s"] > 0
+        fx = next(r for (m, name), r in rows.items() if m == model and name.startswith("fxcache") and "wall_s" in r
+                  and "ratio_to_ideal" not in r)
+        assert fx["computed_fraction"] < 1 and fx["build_s"] > 0 and fx["optimize_s"] >= fx["build_s"]
+        assert any(m == model and name.startswith("cache-dit") for m, name in rows)
