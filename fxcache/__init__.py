@@ -4,8 +4,8 @@ from fxcache import ir, methods
 from fxcache.analysis.points import CachePoint
 from fxcache.analysis.profile import Profile, ProfileError, profile
 from fxcache.analysis.structure import Block, Stack, Structure
-from fxcache.errors import FxCacheError, InputError, IRError, TraceError
-from fxcache.optimize import load, optimize
+from fxcache.errors import FxCacheError, FxCacheWarning, IncompleteRunWarning, InputError, IRError, TraceError
+from fxcache.optimize import load, optimize, save
 from fxcache.plan import Plan, PlanError
 from fxcache.runtime import OptimizedDenoiser
 from fxcache.trace import TracedDenoiser, trace
@@ -16,7 +16,9 @@ __all__ = [
     "Block",
     "CachePoint",
     "FxCacheError",
+    "FxCacheWarning",
     "IRError",
+    "IncompleteRunWarning",
     "InputError",
     "OptimizedDenoiser",
     "Plan",
@@ -33,5 +35,6 @@ __all__ = [
     "methods",
     "optimize",
     "profile",
+    "save",
     "trace",
 ]

@@ -28,3 +28,20 @@ class TraceError(FxCacheError, RuntimeError):
 
 class IRError(FxCacheError, AssertionError):
     """A graph broke one of fxcache's IR invariants (see :func:`fxcache.ir.verify`)."""
+
+
+class ProfileError(InputError):
+    """The calibration run cannot be profiled (bad sampler behaviour, NaN/Inf, a profile file that cannot be read)."""
+
+
+class PlanError(InputError):
+    """A plan that cannot run on this model, or a plan file that cannot be read: names the point, step, file and
+    reason."""
+
+
+class FxCacheWarning(UserWarning):
+    """Base class of fxcache's warnings."""
+
+
+class IncompleteRunWarning(FxCacheWarning):
+    """A sampling run stopped before the plan's last step (it ran the plan's prefix)."""

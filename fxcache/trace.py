@@ -12,6 +12,8 @@ import inspect
 import linecache
 import logging
 import os
+import re
+import threading
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
@@ -30,7 +32,7 @@ from fxcache.passes import AnnotateNodes, run_passes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TracedDenoiser", "trace"]
+__all__ = ["TracedDenoiser", "describe_key_change", "trace", "trace_call"]
 
 _LEAF_TYPES = (torch.Tensor, type(None), bool, int, float, str, torch.dtype, torch.device, torch.memory_format)
 _MAX_SHAPE_VARIANTS = 8
@@ -107,6 +109,31 @@ class _Signature:
             else:
                 parts.append((_compat.keystr(path), repr(leaf)))
         return tuple(parts)
+
+
+def describe_key_change(old: tuple, new: tuple) -> str:
+    """What differs between two call keys (:meth:`_Signature.key`), e.g. ``hidden_states: shape [2, 4, 8, 8]
+    float32 cpu -> shape [1, 4, 8, 8] float32 cpu``; at most four differences."""
+    da, db = {x[0]: x[1:] for x in old}, {x[0]: x[1:] for x in new}
+    diffs = [f"{_arg_name(k)}: {_fmt_entry(da.get(k))} -> {_fmt_entry(db.get(k))}"
+             for k in dict.fromkeys([*da, *db]) if da.get(k) != db.get(k)]
+    return "; ".join(diffs[:4]) or "(argument structure changed)"
+
+
+def _arg_name(keystr: str) -> str:
+    """``[1]['added_cond_kwargs']['text_embeds']`` -> ``added_cond_kwargs.text_embeds``; ``[0][2]`` -> ``arg2``."""
+    if keystr.startswith("[0]"):
+        return re.sub(r"^\[0\]\[(\d+)\]", r"arg\1", keystr)
+    name = re.sub(r"\['([^']*)'\]", r".\1", keystr.removeprefix("[1]"))
+    return name.lstrip(".")
+
+
+def _fmt_entry(entry) -> str:
+    if entry is None:
+        return "absent"
+    if len(entry) == 3:
+        return f"shape {list(entry[0])} {str(entry[1]).replace('torch.', '')} {entry[2]}"
+    return str(entry[0])
 
 
 def _leaf_name(path) -> str:
@@ -191,7 +218,17 @@ def _strategies() -> list[tuple[str, Callable]]:
     ]
 
 
+#: torch.export keeps global tracing state (mode stacks, the module hierarchy): captures from two threads at once
+#: corrupt each other, so fxcache captures one model at a time
+_CAPTURE_LOCK = threading.RLock()
+
+
 def _capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.GraphModule, str]:
+    with _CAPTURE_LOCK:
+        return _capture_locked(model, args, kwargs)
+
+
+def _capture_locked(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.GraphModule, str]:
     tried: list[str] = []
     first_error: BaseException | None = None
     for name, fn in _strategies():
@@ -266,6 +303,11 @@ class TracedDenoiser(torch.nn.Module):
     # -- structure ------------------------------------------------------------------------------------------------
     @property
     def model(self) -> torch.nn.Module:
+        return self._model
+
+    @property
+    def fxcache_model(self) -> torch.nn.Module:
+        """The user's denoiser module (what :func:`fxcache.loops.unwrap` returns for any fxcache wrapper)."""
         return self._model
 
     @property

@@ -37,19 +37,16 @@ import torch
 from fxcache import _compat
 from fxcache.analysis.points import CachePoint
 from fxcache.analysis.probes import ProbeSession
-from fxcache.errors import InputError
+from fxcache.errors import ProfileError
 from fxcache.ir.meta import key_of
+from fxcache.loops import final_tensor
 from fxcache.predictors import PREDICTORS, history_needed, predict
-from fxcache.trace import TracedDenoiser, _Signature
+from fxcache.trace import TracedDenoiser, _Signature, describe_key_change
 
 log = logging.getLogger(__name__)
 
 #: per-step metrics stored for every point (the predictor errors are stored separately)
 BASIC_METRICS = ("norm", "rel_l1", "cosine", "mag_ratio")
-
-
-class ProfileError(InputError):
-    """The calibration run cannot be profiled (bad sampler behaviour, NaNs, ...)."""
 
 
 @dataclasses.dataclass
@@ -241,7 +238,6 @@ class Calibration:
         self.estimate_sensitivity = False
         self.replay: tuple[str, int] | None = None
         self.reference_sums: dict[int, list[float]] = {}
-        self.progress: Any = None
         self._reads = _HostReads()
         if traced is not None:
             self._instrument(traced)
@@ -281,14 +277,14 @@ class Calibration:
         the pipeline runs; capture needs the model's own forward, so the redirection is lifted meanwhile."""
         patched = self.model.__dict__.get("forward") is self
         if patched:
-            del self.model.forward
+            del self.model.__dict__["forward"]
         self.bypass = True
         try:
             return self._trace_fn(self.model, args, kwargs, self.step_input_override)
         finally:
             self.bypass = False
             if patched:
-                self.model.forward = self
+                self.model.__dict__["forward"] = self
 
     def _call(self, args, kwargs):
         run = self.run
@@ -308,8 +304,8 @@ class Calibration:
         elif key != self.ref_key:
             raise ProfileError(
                 f"denoiser call {len(run.calls)} of prompt {run.prompt} has other input shapes or constants than "
-                f"the first call: {_diff_keys(self.ref_key, key)}. fxcache profiles one resolution, batch size and "
-                "set of constant arguments per calibration set; profile each configuration separately")
+                f"the first call: {describe_key_change(self.ref_key, key)}. fxcache profiles one resolution, batch "
+                "size and set of constant arguments per calibration set; profile each configuration separately")
         leaves = _compat.pytree.tree_leaves((args, kwargs))
         record = self._advance(run, leaves)
         sample = leaves[self.sample_index] if self.sample_index is not None else None
@@ -332,8 +328,6 @@ class Calibration:
                 self._reads.defer(sample.double().sum(), lambda v, ref=ref: ref.append(v[0]))
         else:
             self._push(record, values)
-        if self.progress is not None and record.branch == 0:
-            self.progress.update(1)
         if not want_dict and hasattr(out, "to_tuple"):
             return out.to_tuple()
         return out
@@ -525,7 +519,7 @@ class Calibration:
                 ok = np.isfinite(row)
                 sums[where] = sums.get(where, np.zeros_like(row)) + np.where(ok, row, 0.0)
                 counts[where] = counts.get(where, np.zeros_like(row)) + ok
-        final = _final_tensor(final, "the sampling loop's result")
+        final = final_tensor(final, "the sampling loop's result", ProfileError)
         _check_finite(final, f"the final sample of prompt {index} (the sampling loop's result)")
         if index == 0:
             self.reference_final = final
@@ -542,7 +536,7 @@ class Calibration:
         self.run = _Run(0)
         try:
             torch.manual_seed(self.opts.seed)
-            final = _final_tensor(invoke(self), "the sampling loop's result")
+            final = final_tensor(invoke(self), "the sampling loop's result", ProfileError)
             self._reads.read()  # deferred determinism checks
         finally:
             self.run = None
@@ -578,53 +572,6 @@ def _halves(t: torch.Tensor, record: CallRecord) -> list[torch.Tensor]:
     if record.batched_cfg and t.dim() > 0 and t.shape[0] % 2 == 0:
         return list(t.chunk(2, dim=0))
     return [t]
-
-
-def _final_tensor(final, what: str) -> torch.Tensor:
-    if hasattr(final, "images"):
-        final = final.images
-    elif hasattr(final, "frames"):
-        final = final.frames
-    elif hasattr(final, "to_tuple"):
-        final = final.to_tuple()[0]
-    if isinstance(final, (tuple, list)) and final and not isinstance(final[0], (int, float)):
-        if all(isinstance(x, torch.Tensor) for x in final):
-            final = torch.stack(list(final))
-        elif type(final[0]).__module__ == "numpy":
-            final = np.stack(final)
-        else:
-            final = final[0]
-    if type(final).__module__ == "numpy":
-        final = torch.from_numpy(np.asarray(final))
-    if not isinstance(final, torch.Tensor):
-        raise ProfileError(f"{what} is a {type(final).__qualname__}, not a tensor: return the final sample "
-                           "(latents or image) from the sampler")
-    return final.detach()
-
-
-def _diff_keys(a: tuple, b: tuple) -> str:
-    da, db = {x[0]: x[1:] for x in a}, {x[0]: x[1:] for x in b}
-    diffs = [f"{_arg_name(k)}: {_fmt(da.get(k))} -> {_fmt(db.get(k))}"
-             for k in dict.fromkeys([*da, *db]) if da.get(k) != db.get(k)]
-    return "; ".join(diffs[:4]) or "(argument structure changed)"
-
-
-def _arg_name(keystr: str) -> str:
-    """``[1]['added_cond_kwargs']['text_embeds']`` -> ``added_cond_kwargs.text_embeds``; ``[0][2]`` -> ``arg2``."""
-    import re
-
-    if keystr.startswith("[0]"):
-        return re.sub(r"^\[0\]\[(\d+)\]", r"arg\1", keystr)
-    name = re.sub(r"\['([^']*)'\]", r".\1", keystr.removeprefix("[1]"))
-    return name.lstrip(".")
-
-
-def _fmt(entry) -> str:
-    if entry is None:
-        return "absent"
-    if len(entry) == 3:
-        return f"shape {list(entry[0])} {str(entry[1]).replace('torch.', '')}"
-    return str(entry[0])
 
 
 def call_signature_accepts(fn: Callable, name: str) -> bool:

@@ -8,21 +8,23 @@ step changes the final sample. The result, a :class:`Profile`, is what plans are
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import logging
 import math
 import os
 import tempfile
+import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from fxcache.analysis.calibrate import BASIC_METRICS, Calibration, Options, ProfileError
+from fxcache.analysis.calibrate import BASIC_METRICS, Calibration, Options
 from fxcache.analysis.points import GRANULARITIES, CachePoint, find_cache_points, find_signals, total_flops
-from fxcache.errors import InputError
+from fxcache.errors import InputError, ProfileError
+from fxcache.identity import weights_digest
+from fxcache.loops import denoiser_attr, is_pipeline, run_loop, unwrap
 from fxcache.trace import TracedDenoiser, trace_call
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,6 @@ __all__ = ["Profile", "ProfileError", "profile"]
 FORMAT_VERSION = 1
 _JSON_NAME = "profile.json"
 _ARRAYS_NAME = "profile.safetensors"
-_DENOISER_ATTRS = ("transformer", "unet", "prior", "decoder")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -62,7 +63,7 @@ class Profile:
                  num_branches: int, cfg: str, num_prompts: int, total_flops: int, options: dict[str, Any],
                  metrics: np.ndarray, pred_err: np.ndarray, out_err: np.ndarray, gains: np.ndarray,
                  sensitivity: np.ndarray, measured: list[dict[str, Any]], check: dict[str, Any],
-                 calls: list[dict[str, Any]], peak_history_bytes: int):
+                 calls: list[dict[str, Any]], peak_history_bytes: int, weights: str = ""):
         self.fingerprint = fingerprint
         self.model_name = model_name
         self.cache_points = list(cache_points)
@@ -83,8 +84,11 @@ class Profile:
         self.check = check
         self.calls = calls
         self.peak_history_bytes = peak_history_bytes
+        #: digest of the weights profiled (:func:`fxcache.identity.weights_digest`; "" = unknown)
+        self.weights = weights
         self._row = {p.key: i for i, p in enumerate(self.cache_points + self.signal_points)}
-        self.traced: TracedDenoiser | None = None  # set by profile(); not saved
+        #: the traced denoiser profiled (set by profile(), or by Profile.load(dir, traced); not saved)
+        self.traced: TracedDenoiser | None = None
 
     # -- lookup ---------------------------------------------------------------------------------------------------
     @property
@@ -230,7 +234,7 @@ class Profile:
             "cache_points": [dataclasses.asdict(p) for p in self.cache_points],
             "signal_points": [dataclasses.asdict(p) for p in self.signal_points],
             "measured": self.measured, "check": self.check, "calls": self.calls,
-            "peak_history_bytes": self.peak_history_bytes,
+            "peak_history_bytes": self.peak_history_bytes, "weights": self.weights,
         }
 
     def save(self, directory: str | os.PathLike) -> str:
@@ -244,11 +248,12 @@ class Profile:
         arrays = {"metrics": self.metrics, "pred_err": self.pred_err, "out_err": self.out_err, "gains": self.gains,
                   "sensitivity": self.sensitivity}
         arrays = {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()}
-        meta = json.dumps(_jsonable(self._meta()), indent=1, allow_nan=True)
+        save_id = uuid.uuid4().hex  # written into both files: a pair from two different saves is detected on load
+        meta = json.dumps(_jsonable({**self._meta(), "save_id": save_id}), indent=1, allow_nan=True)
         tmp_arrays = _temp_path(directory, _ARRAYS_NAME)
         tmp_json = _temp_path(directory, _JSON_NAME)
         try:
-            save_file(arrays, tmp_arrays, metadata={"fingerprint": self.fingerprint})
+            save_file(arrays, tmp_arrays, metadata={"fingerprint": self.fingerprint, "save_id": save_id})
             with open(tmp_json, "w") as f:
                 f.write(meta)
             os.replace(tmp_arrays, os.path.join(directory, _ARRAYS_NAME))
@@ -262,45 +267,73 @@ class Profile:
     @classmethod
     def load(cls, directory: str | os.PathLike, model: TracedDenoiser | str | None = None) -> Profile:
         """Read a profile written by :meth:`save`. With ``model`` (a traced denoiser, or a graph fingerprint),
-        refuse a profile recorded on a different graph."""
+        refuse a profile recorded on a different graph; a traced denoiser is also bound to the profile
+        (``profile.traced``), so ``optimize(model, ..., profile=loaded)`` can use it. Missing, corrupted, mismatched
+        or other-version files raise :class:`~fxcache.ProfileError` naming the file."""
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
+        if not isinstance(directory, (str, os.PathLike)):
+            raise InputError(f"Profile.load needs a directory path, got {type(directory).__qualname__}")
         directory = os.fspath(directory)
         json_path, arrays_path = os.path.join(directory, _JSON_NAME), os.path.join(directory, _ARRAYS_NAME)
+        if not os.path.isdir(directory):
+            raise ProfileError(f"no fxcache profile in {directory!r}: no such directory (Profile.save writes one)")
         for p in (json_path, arrays_path):
             if not os.path.exists(p):
-                raise InputError(f"no fxcache profile in {directory!r}: {os.path.basename(p)} is missing")
-        with open(json_path) as f:
-            try:
+                raise ProfileError(f"no fxcache profile in {directory!r}: {os.path.basename(p)} is missing")
+        try:
+            with open(json_path, encoding="utf-8") as f:
                 meta = json.load(f)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{json_path} is not a valid profile (bad JSON: {e})") from e
-        if meta.get("format") != "fxcache.profile":
-            raise InputError(f"{json_path} is not an fxcache profile")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ProfileError(f"{json_path} is not a valid profile (bad JSON: {e}); was it truncated?") from e
+        if not isinstance(meta, dict) or meta.get("format") != "fxcache.profile":
+            raise ProfileError(f"{json_path} is not an fxcache profile (no 'format': 'fxcache.profile')")
         if meta.get("version") != FORMAT_VERSION:
-            raise InputError(f"{json_path} has profile format version {meta.get('version')}; this fxcache reads "
-                             f"version {FORMAT_VERSION}: profile the model again")
-        arrays = load_file(arrays_path)
+            raise ProfileError(f"{json_path} has profile format version {meta.get('version')!r}; this fxcache reads "
+                               f"version {FORMAT_VERSION}: profile the model again")
+        try:
+            arrays = load_file(arrays_path)
+            with safe_open_metadata(arrays_path) as header:
+                arrays_id = header.get("save_id")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ProfileError(f"{arrays_path} cannot be read ({type(e).__name__}: {e}); the profile is corrupted "
+                               "or truncated: profile the model again") from e
+        if meta.get("save_id") != arrays_id:
+            raise ProfileError(f"{directory}: {_JSON_NAME} and {_ARRAYS_NAME} come from different saves (an "
+                               "interrupted or concurrent save?); profile the model again")
+        try:
+            points = [_point_from_json(p) for p in meta["cache_points"]]
+            signals = [_point_from_json(p) for p in meta["signal_points"]]
+            opts = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["options"].items()}
+            prof = cls(fingerprint=meta["fingerprint"], model_name=meta["model"], cache_points=points,
+                       signal_points=signals, num_steps=meta["num_steps"], timesteps=meta["timesteps"],
+                       num_branches=meta["num_branches"], cfg=meta["cfg"], num_prompts=meta["num_prompts"],
+                       total_flops=meta["total_flops"], options=opts, metrics=arrays["metrics"],
+                       pred_err=arrays["pred_err"], out_err=arrays["out_err"], gains=arrays["gains"],
+                       sensitivity=arrays["sensitivity"], measured=meta["measured"], check=meta["check"],
+                       calls=meta["calls"], peak_history_bytes=meta["peak_history_bytes"],
+                       weights=meta.get("weights", ""))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ProfileError(f"{json_path} is not a complete profile ({type(e).__name__}: {e}); was it edited? "
+                               "Profile the model again") from e
+        n_rows, n_steps = len(points) + len(signals), prof.num_steps
+        if prof.metrics.shape[:1] != (n_rows,) or prof.metrics.shape[2:3] != (n_steps,) or \
+                prof.sensitivity.shape != (len(points), n_steps):
+            raise ProfileError(f"{directory}: the arrays do not match the profile's points and steps (edited?); "
+                               "profile the model again")
         if model is not None:
             want = model if isinstance(model, str) else getattr(model, "fingerprint", None)
             if want is None:
                 raise InputError("Profile.load(model=...) needs a traced denoiser (fxcache.trace) or a fingerprint")
             if want != meta["fingerprint"]:
-                raise InputError(
+                raise ProfileError(
                     f"profile in {directory!r} was recorded on graph {meta['fingerprint']} ({meta['model']}), but "
                     f"this model's graph is {want}: the model, its configuration or the call shapes differ; "
                     "profile this model again")
-        points = [_point_from_json(p) for p in meta["cache_points"]]
-        signals = [_point_from_json(p) for p in meta["signal_points"]]
-        opts = meta["options"]
-        opts = {k: tuple(v) if isinstance(v, list) else v for k, v in opts.items()}
-        return cls(fingerprint=meta["fingerprint"], model_name=meta["model"], cache_points=points,
-                   signal_points=signals, num_steps=meta["num_steps"], timesteps=meta["timesteps"],
-                   num_branches=meta["num_branches"], cfg=meta["cfg"], num_prompts=meta["num_prompts"],
-                   total_flops=meta["total_flops"], options=opts, metrics=arrays["metrics"],
-                   pred_err=arrays["pred_err"], out_err=arrays["out_err"], gains=arrays["gains"],
-                   sensitivity=arrays["sensitivity"], measured=meta["measured"], check=meta["check"],
-                   calls=meta["calls"], peak_history_bytes=meta["peak_history_bytes"])
+            if isinstance(model, TracedDenoiser):
+                prof.traced = model
+        return prof
 
     def __repr__(self) -> str:
         return (f"Profile({self.model_name}, graph={self.fingerprint}, points={len(self.points)}, "
@@ -309,58 +342,6 @@ class Profile:
 
 # ---------------------------------------------------------------------------------------------------------------
 # running
-
-
-def _is_pipeline(model) -> bool:
-    return not isinstance(model, torch.nn.Module) and callable(model) and any(
-        isinstance(getattr(model, a, None), torch.nn.Module) for a in _DENOISER_ATTRS)
-
-
-def _denoiser_attr(pipe) -> str:
-    """The attribute holding a pipeline's denoiser (``transformer``, ``unet``, ...)."""
-    return next(a for a in _DENOISER_ATTRS if isinstance(getattr(pipe, a, None), torch.nn.Module))
-
-
-class _StandIn:
-    """What a bare-denoiser sampler receives: calls go to the calibration, attributes to the model."""
-
-    def __init__(self, calibration: Calibration, model: torch.nn.Module):
-        self._calibration = calibration
-        self._model = model
-
-    def __call__(self, *args, **kwargs):
-        return self._calibration(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-
-def _pipeline_invoker(pipe, attr: str, denoiser: torch.nn.Module, prompt, call_kwargs: dict):
-    kwargs = dict(call_kwargs)
-    if isinstance(prompt, str):
-        kwargs["prompt"] = prompt
-    elif isinstance(prompt, dict):
-        kwargs.update(prompt)
-    else:
-        raise InputError(f"a pipeline prompt must be a string or a dict of pipeline call arguments, got "
-                         f"{type(prompt).__qualname__}")
-    params = inspect.signature(pipe.__call__).parameters
-    if "output_type" in params and "output_type" not in kwargs:
-        kwargs["output_type"] = "latent"
-
-    def invoke(calibration: Calibration):
-        installed = getattr(pipe, attr)
-        if installed is not denoiser:  # e.g. an OptimizedDenoiser from an earlier optimize(): run the raw model
-            setattr(pipe, attr, denoiser)
-        denoiser.forward = calibration  # instance attribute shadows the class's forward while the pipeline runs
-        try:
-            return pipe(**kwargs)
-        finally:
-            del denoiser.forward
-            if installed is not denoiser:
-                setattr(pipe, attr, installed)
-
-    return invoke
 
 
 def _pick_pairs(points: Sequence[CachePoint], num_steps: int, n: int, seed: int) -> list[tuple[str, int]]:
@@ -411,7 +392,7 @@ def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def profile(model, calib_prompts: Sequence[Any], *, sampler=None, granularity: Iterable[str] = GRANULARITIES,
+def profile(model, calib_prompts: Sequence[Any], *, sampler=None, granularity: str | Iterable[str] = GRANULARITIES,
             horizons: Sequence[int] = (1, 2, 3), spacings: Sequence[int] = (1, 2, 3), sensitivity: int = 8,
             sensitivity_prompts: int = 1, seed: int = 0, step_input: str | None = None, progress: bool = True,
             **call_kwargs) -> Profile:
@@ -422,42 +403,77 @@ def profile(model, calib_prompts: Sequence[Any], *, sampler=None, granularity: I
     :class:`~fxcache.TracedDenoiser`) with ``sampler(denoiser, prompt) -> final sample`` running one whole loop.
     Every run is seeded with ``torch.manual_seed(seed + prompt index)``.
 
-    ``granularity`` picks the cache points (``"stack"``, ``"block"``, ``"layer"``); predictor errors are measured
-    for every ``horizon`` (steps ahead) and ``spacing`` (steps between known values). ``sensitivity`` is the
-    number of measured re-runs of the first prompt (0 skips sensitivity); the per-point estimate is computed on
-    the first ``sensitivity_prompts`` prompts.
+    ``granularity`` picks the cache points (``"stack"``, ``"block"``, ``"layer"``, or several); predictor errors
+    are measured for every ``horizon`` (steps ahead) and ``spacing`` (steps between known values). ``sensitivity``
+    is the number of measured re-runs of the first prompt (0 skips sensitivity); the per-point estimate is computed
+    on the first ``sensitivity_prompts`` prompts. Arguments are checked before anything runs.
     """
+    return run_profile(model, calib_prompts, sampler=sampler, granularity=granularity, horizons=horizons,
+                       spacings=spacings, sensitivity=sensitivity, sensitivity_prompts=sensitivity_prompts, seed=seed,
+                       step_input=step_input, progress=progress, call_kwargs=call_kwargs)
+
+
+def check_loop_arguments(model, calib_prompts, sampler, what: str = "profile()") -> None:
+    """Refuse a model, prompt list or sampler that cannot make a calibration loop — before anything runs."""
+    if isinstance(model, (str, bytes, os.PathLike)):
+        raise InputError(f"{what} needs a diffusers pipeline or a denoiser nn.Module, got the path/string "
+                         f"{model!r}; load the model first (e.g. DiffusionPipeline.from_pretrained)")
+    if not (is_pipeline(model) or isinstance(model, torch.nn.Module)):
+        raise InputError(f"{what} needs a diffusers pipeline or a denoiser nn.Module, got "
+                         f"{type(model).__qualname__}")
     if isinstance(calib_prompts, (str, bytes, dict)) or not isinstance(calib_prompts, Sequence):
         raise InputError(f"calib_prompts must be a list of prompts, got a {type(calib_prompts).__qualname__}"
                          + (" (wrap the single prompt in a list)" if isinstance(calib_prompts, (str, dict)) else ""))
     if len(calib_prompts) == 0:
         raise InputError("calib_prompts is empty: give at least one calibration prompt")
-    horizons, spacings = tuple(int(h) for h in horizons), tuple(int(d) for d in spacings)
-    if not horizons or min(horizons) < 1 or not spacings or min(spacings) < 1:
-        raise InputError(f"horizons and spacings must be non-empty lists of integers >= 1, got {horizons}, {spacings}")
-    granularity = tuple(granularity)
-    if set(granularity) - set(GRANULARITIES) or not granularity:
-        raise InputError(f"granularity must be a non-empty subset of {GRANULARITIES}, got {granularity}")
-
-    if _is_pipeline(model):
+    if is_pipeline(model):
         if sampler is not None:
             raise InputError("sampler= is for bare denoisers; a pipeline runs its own sampling loop")
-        attr = _denoiser_attr(model)
-        denoiser, traced = getattr(model, attr), None
-        denoiser = getattr(denoiser, "traced", denoiser)  # an OptimizedDenoiser: profile the model under it
-        if isinstance(denoiser, TracedDenoiser):
-            traced, denoiser = denoiser, denoiser.model
-    elif isinstance(model, torch.nn.Module):
-        if sampler is None or not callable(sampler):
-            raise InputError("a bare denoiser needs sampler=: a function sampler(denoiser, prompt) that runs one "
-                             "sampling loop and returns the final sample")
-        model = getattr(model, "traced", model)  # an OptimizedDenoiser: profile the model under it
-        traced = model if isinstance(model, TracedDenoiser) else None
-        denoiser = model.model if traced is not None else model
-    else:
-        raise InputError(f"profile() needs a diffusers pipeline or a denoiser nn.Module, got "
-                         f"{type(model).__qualname__}")
+        bad = next((p for p in calib_prompts if not isinstance(p, (str, dict))), None)
+        if bad is not None:
+            raise InputError(f"a pipeline prompt must be a string or a dict of pipeline call arguments, got "
+                             f"{type(bad).__qualname__} ({bad!r})")
+    elif sampler is None or not callable(sampler):
+        raise InputError("a bare denoiser needs sampler=: a function sampler(denoiser, prompt) that runs one "
+                         "sampling loop and returns the final sample"
+                         + (f" (got a {type(sampler).__qualname__})" if sampler is not None else ""))
 
+
+def _int_list(name: str, values) -> tuple[int, ...]:
+    if isinstance(values, (int, str, bytes)) or not isinstance(values, Iterable):
+        raise InputError(f"{name} must be a list of integers >= 1, got {values!r}")
+    values = tuple(values)
+    if not values or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in values):
+        raise InputError(f"{name} must be a non-empty list of integers >= 1, got {values!r}")
+    return values
+
+
+def run_profile(model, calib_prompts: Sequence[Any], *, sampler=None, granularity=GRANULARITIES,
+                horizons=(1, 2, 3), spacings=(1, 2, 3), sensitivity: int = 8, sensitivity_prompts: int = 1,
+                seed: int = 0, step_input: str | None = None, progress: bool = True, call_kwargs: dict | None = None,
+                traced: TracedDenoiser | None = None) -> Profile:
+    """:func:`profile`, optionally with the denoiser already ``traced`` (by :func:`fxcache.optimize`'s early
+    structural check), so it is not captured twice."""
+    call_kwargs = dict(call_kwargs or {})
+    check_loop_arguments(model, calib_prompts, sampler)
+    horizons, spacings = _int_list("horizons", horizons), _int_list("spacings", spacings)
+    if isinstance(granularity, str):
+        granularity = (granularity,)
+    granularity = tuple(granularity) if isinstance(granularity, Iterable) else (granularity,)
+    if not granularity or set(granularity) - set(GRANULARITIES):
+        raise InputError(f"granularity must be one of {GRANULARITIES} or a list of them, got {granularity!r}")
+    for name, value, low in (("sensitivity", sensitivity, 0), ("sensitivity_prompts", sensitivity_prompts, 0),
+                             ("seed", seed, None)):
+        if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
+            raise InputError(f"{name} must be an integer{f' >= {low}' if low is not None else ''}, got {value!r}")
+    if step_input is not None and not isinstance(step_input, str):
+        raise InputError(f"step_input must be the name of the step argument (a string), got {step_input!r}")
+
+    denoiser = unwrap(model)
+    if traced is None:
+        inner = getattr(model, denoiser_attr(model)) if is_pipeline(model) else model
+        inner = getattr(inner, "traced", inner)  # an OptimizedDenoiser: profile the model under it
+        traced = inner if isinstance(inner, TracedDenoiser) else None
     opts = Options(horizons=horizons, spacings=spacings, seed=seed)
 
     def find(t: TracedDenoiser):
@@ -472,38 +488,35 @@ def profile(model, calib_prompts: Sequence[Any], *, sampler=None, granularity: I
 
     def invoker(i: int):
         prompt = calib_prompts[i]
-        if _is_pipeline(model):
-            return _pipeline_invoker(model, attr, denoiser, prompt, call_kwargs)
-        stand_in = _StandIn(calib, denoiser)
-        return lambda c: sampler(stand_in, prompt, **call_kwargs)
+        return lambda c: run_loop(model, prompt, c, sampler=sampler, call_kwargs=call_kwargs)
 
-    bar = _progress(progress, "fxcache profile", "step")
-    calib.progress = bar
+    # one bar over the whole calibration, its total known from the start: the prompts, then the re-runs
+    bar = _progress(progress, "fxcache profile", "run", total=len(calib_prompts) + sensitivity)
     try:
         for i in range(len(calib_prompts)):
+            if bar is not None:
+                bar.set_postfix_str(f"prompt {i + 1}/{len(calib_prompts)}")
             calib.run_prompt(i, invoker(i), estimate=sensitivity > 0 and i < sensitivity_prompts)
-            if i == 0 and bar is not None and calib.num_steps:
-                bar.total = calib.num_steps * len(calib_prompts)
-                bar.refresh()
-    finally:
-        calib.progress = None
+            if bar is not None:
+                bar.update(1)
+
+        num_steps = calib.num_steps
+        traced = calib.traced
+        keys = [p.key for p in calib.points]
+        out_err = np.full((len(keys), num_steps), np.nan)
+        for r, k in enumerate(keys):
+            for s, errs in calib.out_err.get(k, {}).items():
+                out_err[r, s] = float(np.mean(errs))
+
+        # measured re-runs and the checked estimate
+        measured: list[dict[str, Any]] = []
+        pairs = _pick_pairs(calib.points, num_steps, sensitivity, seed)
         if bar is not None:
-            bar.close()
-
-    num_steps = calib.num_steps
-    traced = calib.traced
-    keys = [p.key for p in calib.points]
-    out_err = np.full((len(keys), num_steps), np.nan)
-    for r, k in enumerate(keys):
-        for s, errs in calib.out_err.get(k, {}).items():
-            out_err[r, s] = float(np.mean(errs))
-
-    # measured re-runs and the checked estimate
-    measured: list[dict[str, Any]] = []
-    pairs = _pick_pairs(calib.points, num_steps, sensitivity, seed)
-    bar = _progress(progress and bool(pairs), "fxcache sensitivity re-runs", "run", total=len(pairs))
-    try:
-        for key, step in pairs:
+            bar.total = len(calib_prompts) + len(pairs)  # fewer when (point, step) pairs coincide
+            bar.refresh()
+        for j, (key, step) in enumerate(pairs):
+            if bar is not None:
+                bar.set_postfix_str(f"sensitivity re-run {j + 1}/{len(pairs)}")
             value = calib.measure(key, step, invoker(0))
             measured.append({"point": key, "step": step, "value": value,
                              "out_err": float(out_err[keys.index(key), step])})
@@ -545,7 +558,8 @@ def profile(model, calib_prompts: Sequence[Any], *, sampler=None, granularity: I
         options={"horizons": horizons, "spacings": spacings, "predictors": tuple(opts.predictors),
                  "granularity": granularity, "seed": seed, "sensitivity_prompts": sensitivity_prompts},
         metrics=metrics, pred_err=pred_err, out_err=out_err, gains=gains, sensitivity=sens, measured=measured,
-        check=check, calls=[dataclasses.asdict(c) for c in calib.calls], peak_history_bytes=calib.peak_bytes)
+        check=check, calls=[dataclasses.asdict(c) for c in calib.calls], peak_history_bytes=calib.peak_bytes,
+        weights=weights_digest(denoiser))
     result.traced = traced
     log.info("profiled %s: %d cache points, %d steps, %d prompt(s)", result.model_name, len(keys), num_steps,
              len(calib_prompts))
@@ -618,6 +632,23 @@ def _bytes(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n} B"
+
+
+class safe_open_metadata:
+    """The ``__metadata__`` of a safetensors file header (a context manager, like ``safetensors.safe_open``)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self) -> dict:
+        from safetensors import safe_open
+
+        self._f = safe_open(self.path, framework="numpy")
+        handle = self._f.__enter__()
+        return handle.metadata() or {}
+
+    def __exit__(self, *exc):
+        return self._f.__exit__(*exc)
 
 
 def _temp_path(directory: str, name: str) -> str:
