@@ -18,13 +18,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Sequence
 from typing import Any
 
 from fxcache.analysis.points import CachePoint
-from fxcache.errors import InputError
+from fxcache.errors import InputError, PlanError
 
-__all__ = ["ACTIONS", "LINEAR_PREFIX", "ORDER", "Plan", "PlanError", "is_forecast", "order_of"]
+__all__ = ["ACTIONS", "GATE_KINDS", "LINEAR_PREFIX", "ORDER", "Plan", "PlanError", "check_plan_json", "is_forecast",
+           "order_of"]
 
 FORMAT_VERSION = 1
 #: forecast order of each action (0 = the stored value itself)
@@ -60,10 +62,6 @@ def _valid(action: str) -> bool:
     return False
 
 
-class PlanError(InputError):
-    """A plan that cannot run on this model: named point, step and reason."""
-
-
 @dataclasses.dataclass
 class Plan:
     """``steps[s]`` maps point keys to actions for step ``s`` (see the module docstring)."""
@@ -91,6 +89,8 @@ class Plan:
     tokens: dict[str, Any] | None = None
     #: points a method defined beyond the profile's (a block range, the whole model), as CachePoint fields
     extra_points: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    #: digest of the weights the plan was calibrated on (:func:`fxcache.identity.weights_digest`; "" = unknown)
+    weights: str = ""
 
     def all_points(self, points: Sequence[CachePoint]) -> list[CachePoint]:
         """``points`` plus this plan's extra points."""
@@ -145,6 +145,10 @@ class Plan:
                 raise PlanError(f"gate skip actions must be 'reuse', got {bad[0]!r}")
         if len(self.steps) != self.num_steps:
             raise PlanError(f"plan lists {len(self.steps)} steps but num_steps is {self.num_steps}")
+        if self.layer_adaptive:
+            missing = [k for k in self.layer_adaptive["blocks"] if k not in by_key]
+            if missing:
+                raise PlanError(f"layer_adaptive names unknown point {missing[0]!r}")
         if self.cfg_cache:
             refresh, derive = self.cfg_cache["refresh"], self.cfg_cache["derive"]
             if derive and (not refresh or min(derive) < min(refresh)):
@@ -203,31 +207,188 @@ class Plan:
         return {"format": "fxcache.plan", "version": FORMAT_VERSION, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Plan:
-        if data.get("format") != "fxcache.plan":
-            raise InputError("not an fxcache plan (missing format: fxcache.plan)")
-        if data.get("version") != FORMAT_VERSION:
-            raise InputError(f"plan format version {data.get('version')} is not supported (this fxcache reads "
-                             f"{FORMAT_VERSION})")
+    def from_json(cls, data: Any, source: str = "plan") -> Plan:
+        """A plan from its JSON form, every field checked (:func:`check_plan_json`); errors name ``source``."""
+        check_plan_json(data, source)
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in fields})
 
     def save(self, path: str | os.PathLike) -> str:
+        """Write the plan as JSON: to a temporary file in the same directory, flushed, then renamed — an
+        interrupted save leaves the old file (or none), never half a plan."""
         path = os.fspath(path)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_json(), f, indent=1)
-        os.replace(tmp, path)
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_json(), f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
-        with open(os.fspath(path)) as f:
-            try:
-                return cls.from_json(json.load(f))
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path} is not a valid plan (bad JSON: {e})") from e
+        """Read a plan written by :meth:`save`; a missing, unreadable or malformed file raises
+        :class:`~fxcache.PlanError` naming it and the problem."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise InputError(f"a plan path must be a str or os.PathLike, got {type(path).__qualname__}")
+        path = os.fspath(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise PlanError(f"{path}: no such plan file") from None
+        except IsADirectoryError:
+            raise PlanError(f"{path} is a directory, not a plan file (plans are single .json files)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PlanError(f"{path} is not a valid plan file (bad JSON: {e}); was it truncated or edited?") from e
+        return cls.from_json(data, source=path)
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {name}" for name in ("gate", "cfg_cache", "layer_adaptive", "tokens")
+                        if getattr(self, name))
+        model = f", model={self.model}" if self.model else ""
+        return f"Plan({self.summary()}{model}, graph={self.fingerprint}{extra})"
 
     def summary(self) -> str:
+        """One line: the method and its parameters, the number of steps and how many compute everything (a gated
+        plan's steps are decided at run time: ``stats()`` says how many ran fully)."""
         full = sum(1 for s in range(self.num_steps) if not self.actions(s))
-        return f"{self.method} {self.params}: {self.num_steps} steps, {full} fully computed"
+        gated = f" ({len(self.gate['steps'])} decided by the {self.gate['kind']} gate)" if self.gate else ""
+        return f"{self.method} {self.params}: {self.num_steps} steps, {full} fully computed{gated}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checking a plan's JSON form
+
+
+_POINT_FIELDS = {"key": str, "kind": str, "nodes": list, "bases": list, "stack": (str, type(None)),
+                 "block": (str, type(None)), "flops": int, "gated": bool, "shapes": list, "dtypes": list}
+
+
+def check_plan_json(data: Any, source: str = "plan") -> None:
+    """Raise :class:`PlanError` naming ``source`` and the first problem, for anything that is not a well-formed
+    plan of this format version: wrong top-level type, wrong ``format``/``version``, missing or unknown fields,
+    fields of the wrong type, steps that are not maps of point keys to known actions, malformed gate / CFG /
+    token / layer-adaptive sections. (Whether the points exist in a model is checked by :meth:`Plan.validate`.)"""
+
+    def fail(msg: str) -> None:
+        raise PlanError(f"{source}: {msg}")
+
+    if not isinstance(data, dict):
+        fail(f"not an fxcache plan: the top level is a JSON {_json_type(data)}, not an object")
+    if "format" not in data:
+        fail("not an fxcache plan: no 'format' field (expected 'fxcache.plan')")
+    if data["format"] != "fxcache.plan":
+        fail(f"not an fxcache plan: 'format' is {data['format']!r}, expected 'fxcache.plan'")
+    if data.get("version") != FORMAT_VERSION:
+        fail(f"plan format version {data.get('version')!r} is not supported: this fxcache reads version "
+             f"{FORMAT_VERSION}; re-optimize to make a plan of this version")
+    fields = {f.name: f for f in dataclasses.fields(Plan)}
+    unknown = sorted(set(data) - set(fields) - {"format", "version"})
+    if unknown:
+        fail(f"unknown field(s) {', '.join(map(repr, unknown))}; a plan has: {', '.join(fields)}")
+    for name in ("fingerprint", "num_steps", "steps"):
+        if name not in data:
+            fail(f"missing field {name!r}")
+    _expect(data, "fingerprint", str, fail)
+    _expect(data, "num_steps", int, fail)
+    if data["num_steps"] < 1:
+        fail(f"num_steps must be >= 1, got {data['num_steps']}")
+    _expect(data, "steps", list, fail)
+    if len(data["steps"]) != data["num_steps"]:
+        fail(f"'steps' lists {len(data['steps'])} steps but num_steps is {data['num_steps']}")
+    for s, acts in enumerate(data["steps"]):
+        if not isinstance(acts, dict):
+            fail(f"step {s} is a JSON {_json_type(acts)}; each step must map cache-point keys to actions")
+        for key, action in acts.items():
+            if not isinstance(action, str) or not _valid(action):
+                fail(f"step {s}: {action!r} for {key!r} is not an action; actions are {', '.join(ACTIONS)} or "
+                     f"'{LINEAR_PREFIX}<weight>'")
+    for name, types in (("method", str), ("params", dict), ("model", str), ("timesteps", list),
+                        ("extra_points", list), ("weights", str), ("gate", (dict, type(None))),
+                        ("cfg_cache", (dict, type(None))), ("layer_adaptive", (dict, type(None))),
+                        ("tokens", (dict, type(None)))):
+        if name in data:
+            _expect(data, name, types, fail)
+    if any(t is not None and not _is_number(t) for t in data.get("timesteps", [])):
+        fail("'timesteps' must be a list of numbers (or null)")
+    for i, p in enumerate(data.get("extra_points", [])):
+        if not isinstance(p, dict) or set(p) != set(_POINT_FIELDS):
+            fail(f"extra_points[{i}] must be an object with the fields {', '.join(_POINT_FIELDS)}")
+        for k, types in _POINT_FIELDS.items():
+            if not isinstance(p[k], types) or (types is int and isinstance(p[k], bool)):
+                fail(f"extra_points[{i}].{k} has the wrong type ({_json_type(p[k])})")
+        if (not all(isinstance(x, str) for x in p["nodes"] + p["dtypes"])
+                or not all(x is None or isinstance(x, str) for x in p["bases"])
+                or not all(isinstance(sh, list) and all(isinstance(d, int) for d in sh) for sh in p["shapes"])
+                or not (len(p["nodes"]) == len(p["bases"]) == len(p["shapes"]) == len(p["dtypes"]))):
+            fail(f"extra_points[{i}]: nodes/dtypes must be strings, bases strings or null, shapes lists of "
+                 "integers, one of each per tensor")
+    steps = range(data["num_steps"])
+    gate = data.get("gate")
+    if gate is not None:
+        for k, types in (("kind", str), ("signal", str), ("skip", dict), ("threshold", (int, float)),
+                         ("steps", list)):
+            if k not in gate or not isinstance(gate[k], types):
+                fail(f"gate.{k} is missing or has the wrong type")
+        if gate["kind"] not in GATE_KINDS:
+            fail(f"gate.kind {gate['kind']!r} is unknown; kinds are {', '.join(GATE_KINDS)}")
+        if any(not isinstance(x, int) or isinstance(x, bool) or x not in steps for x in gate["steps"]):
+            fail(f"gate.steps must list step indices in [0, {data['num_steps']})")
+        if gate["kind"] == "teacache" and (not isinstance(gate.get("coefficients"), list)
+                                           or not all(_is_number(c) for c in gate["coefficients"])):
+            fail("gate.coefficients (TeaCache's polynomial) must be a list of numbers")
+    cfg = data.get("cfg_cache")
+    if cfg is not None:
+        for k in ("refresh", "derive"):
+            if not isinstance(cfg.get(k), list) or any(not isinstance(x, int) or x not in steps for x in cfg[k]):
+                fail(f"cfg_cache.{k} must list step indices in [0, {data['num_steps']})")
+        if not _is_number(cfg.get("radius")) or not isinstance(cfg.get("weights"), (dict, list)):
+            fail("cfg_cache needs a number 'radius' and 'weights' per derived step")
+        weights = cfg["weights"]
+        for x in cfg["derive"]:
+            w = weights.get(str(x)) if isinstance(weights, dict) else (weights[x] if x < len(weights) else None)
+            if not (isinstance(w, list) and len(w) == 2 and all(_is_number(v) for v in w)):
+                fail(f"cfg_cache.weights has no [w_lf, w_hf] pair for derived step {x}")
+    la = data.get("layer_adaptive")
+    if la is not None:
+        if not isinstance(la.get("blocks"), list) or not la["blocks"] or not all(isinstance(b, str)
+                                                                                  for b in la["blocks"]):
+            fail("layer_adaptive.blocks must be a non-empty list of point keys")
+        for k in ("warmup", "recalculate"):
+            if not isinstance(la.get(k), int) or la[k] < 1:
+                fail(f"layer_adaptive.{k} must be an integer >= 1")
+        if not _is_number(la.get("gamma")):
+            fail("layer_adaptive.gamma must be a number")
+    tokens = data.get("tokens")
+    if tokens is not None:
+        fresh = tokens.get("fresh")
+        if not _is_number(fresh) or not 0 < fresh <= 1:
+            fail("tokens.fresh must be a number in (0, 1]")
+        if tokens.get("score", "random") not in ("random", "staleness"):
+            fail("tokens.score must be 'random' or 'staleness'")
+
+
+#: dynamic gates the runtime knows
+GATE_KINDS = ("fbcache", "dbcache", "teacache", "easycache")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _json_type(x: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(x), "number" if _is_number(x) else type(x).__name__)
+
+
+def _expect(data: dict, name: str, types, fail) -> None:
+    value = data[name]
+    bad = not isinstance(value, types) or (types is int and isinstance(value, bool))
+    if bad:
+        fail(f"field {name!r} is a JSON {_json_type(value)}, which is not what a plan holds there")

@@ -12,6 +12,10 @@ import dataclasses
 import importlib.util
 import logging
 import math
+import os
+import threading
+import time
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -19,12 +23,12 @@ import torch
 
 from fxcache import _compat
 from fxcache.analysis.points import CachePoint
-from fxcache.errors import InputError
+from fxcache.errors import IncompleteRunWarning, InputError
 from fxcache.passes import prefix_cut
 from fxcache.plan import LINEAR_PREFIX, ORDER, Plan, PlanError, is_forecast, order_of
 from fxcache.predictors import HERMITE_SIGMA, _hermite_scaled
 from fxcache.rewrite import Variant, executed_flops, specialize
-from fxcache.trace import TracedDenoiser, _Signature
+from fxcache.trace import TracedDenoiser, _Signature, describe_key_change
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +114,9 @@ class _Compiler:
         elif not (callable(backend) or isinstance(backend, str)):
             raise InputError(f"backend must be a torch.compile backend name or callable, got {backend!r}")
         elif isinstance(backend, str) and backend not in torch.compiler.list_backends(exclude_tags=()):
-            raise InputError(f"unknown torch.compile backend {backend!r}; available: "
-                             f"{', '.join(torch.compiler.list_backends())}, or 'tensorrt'")
+            names = sorted(set(torch.compiler.list_backends(exclude_tags=())) - {"tensorrt", "torch_tensorrt"})
+            raise InputError(f"unknown torch.compile backend {backend!r}; available: {', '.join(names)}, or "
+                             "'tensorrt' (torch-tensorrt)")
         if mode is not None and options:
             raise InputError("give mode= or options=, not both (torch.compile accepts one)")
         if cuda_graphs:
@@ -132,21 +137,62 @@ class _Compiler:
 
 
 class OptimizedDenoiser(torch.nn.Module):
-    """Runs ``plan`` on a traced denoiser (see the module docstring). ``.stats()`` describes the last run."""
+    """Runs ``plan`` on a traced denoiser (see the module docstring). ``.stats()`` describes the last run.
 
-    def __init__(self, traced: TracedDenoiser, plan: Plan, points: Sequence[CachePoint],
-                 graph_cache: dict | None = None):
+    Made by :func:`fxcache.optimize` (bound to its traced graph at once) or by :func:`fxcache.load` (bound on the
+    first call: the model is traced with that call's inputs and checked against the plan's class, graph fingerprint
+    and weights digest). Both have the same API.
+    """
+
+    def __init__(self, traced: TracedDenoiser | None, plan: Plan, points: Sequence[CachePoint] | None = None,
+                 graph_cache: dict | None = None, *, model: torch.nn.Module | None = None, source: str | None = None,
+                 check_weights: bool = True):
         super().__init__()
+        self.plan = plan
+        self.traced = None
+        self.variants = torch.nn.ModuleDict()
+        self.profile = None
+        self.search = None
+        self._source = source
+        self._check_weights = check_weights
+        object.__setattr__(self, "_model", traced.model if traced is not None else model)
+        if self._model is None:
+            raise InputError("OptimizedDenoiser needs a traced denoiser or model=")
+        self._graphs: dict[Variant, torch.fx.GraphModule] = {}
+        self._flops: dict[Variant, int] = {}
+        self._full_flops = 0
+        self._variant_of_step: list[Variant] = []
+        self._tracker = StepTracker()
+        self._accepted = None  # (tree spec, leaf shapes/values) of calls already checked against the traced key
+        self._compiler: _Compiler | None = None
+        self._compiled: dict[Variant, Callable] = {}
+        self._run_thread: int | None = None
+        self._in_call = threading.Lock()
+        self._clear_run_state()
+        if traced is not None:
+            self._bind(traced, points if points is not None else [], graph_cache)
+
+    @property
+    def fxcache_model(self) -> torch.nn.Module:
+        """The user's denoiser module this plan runs on."""
+        return self._model
+
+    @property
+    def bound(self) -> bool:
+        """Whether the step graphs exist (a loaded plan binds on its first call)."""
+        return self.traced is not None
+
+    def _bind(self, traced: TracedDenoiser, points: Sequence[CachePoint], graph_cache: dict | None = None) -> None:
+        plan = self.plan
         if plan.fingerprint != traced.fingerprint:
             raise PlanError(f"plan was made for graph {plan.fingerprint}, this model's graph is {traced.fingerprint}: "
                             "the model, its configuration or the call shapes differ")
         points = plan.all_points(points)
         plan.validate(points)
         self.traced = traced
-        self.plan = plan
         self._points = {p.key: p for p in points}
-        self._variant_of_step: list[Variant] = []
         graphs: dict[Variant, torch.fx.GraphModule] = {}
+        variant_of_step = []
         for s in range(plan.num_steps):
             acts = plan.actions(s)
             token_points = tuple(sorted(k for k, a in acts.items() if a == "tokens"))
@@ -155,7 +201,8 @@ class OptimizedDenoiser(torch.nn.Module):
                         tokens=token_points, num_tokens=self._num_tokens(plan, token_points))
             if v not in graphs:
                 graphs[v] = self._specialize(v, graph_cache)
-            self._variant_of_step.append(v)
+            variant_of_step.append(v)
+        self._variant_of_step = variant_of_step
         self._gate = None
         if plan.gate:
             self._gate = _GATES[plan.gate["kind"]](plan.gate)
@@ -186,11 +233,29 @@ class OptimizedDenoiser(torch.nn.Module):
         input_names = [n.meta["fxcache"].key[len("input:"):] for n in placeholders]
         self._step_index = input_names.index(traced.step_input) if traced.step_input in input_names else None
         self._max_order = {k: plan.max_order(k) for k in plan.read_points()}
-        self._tracker = StepTracker()
-        self._accepted = None  # (tree spec, leaf shapes/values) of calls already checked against the traced key
-        self._compiler: _Compiler | None = None
-        self._compiled: dict[Variant, Callable] = {}
-        self._clear_run_state()
+
+    def _bind_on_first_call(self, args: tuple, kwargs: dict) -> None:
+        """A loaded plan meets its model: trace it with this call's inputs, check class, graph and weights."""
+        from fxcache.analysis.points import find_cache_points, find_signals
+        from fxcache.identity import weights_digest
+        from fxcache.trace import trace_call
+
+        where = f"{self._source}: " if self._source else ""
+        model = self._model
+        traced = trace_call(model, args, kwargs)
+        if traced.fingerprint != self.plan.fingerprint:
+            made_for = self.plan.model or "unknown model"
+            raise PlanError(
+                f"{where}the saved plan was made for graph {self.plan.fingerprint} ({made_for}), but this model "
+                f"called with these inputs gives graph {traced.fingerprint}: another model, configuration, "
+                "resolution, batch size, dtype or device — optimize this model instead")
+        if self._check_weights and self.plan.weights and weights_digest(model) != self.plan.weights:
+            raise PlanError(f"{where}the saved plan was calibrated on other weights (digest {self.plan.weights}, this "
+                            f"model's is {weights_digest(model)}): re-optimize for these weights, or pass "
+                            "check_weights=False to fxcache.load to reuse the plan deliberately")
+        points = find_cache_points(traced.graph_module, traced.structure) + find_signals(traced.graph_module,
+                                                                                          traced.structure)
+        self._bind(traced, points)
 
     def _specialize(self, variant: Variant, graph_cache: dict | None):
         """One step graph; ``graph_cache`` (shared by the plan search across candidate plans of one graph) reuses
@@ -204,8 +269,19 @@ class OptimizedDenoiser(torch.nn.Module):
     # -- state --------------------------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget every cached value: the next call starts a new sampling run."""
+        self._end_run()
         self._tracker.reset()
+        self._run_thread = None
         self._clear_run_state()
+
+    def _end_run(self) -> None:
+        """A run ends (a new one starts, or ``reset()``): warn when it stopped before the plan's last step."""
+        done = self._stats["steps"]
+        if 0 < done < self.plan.num_steps:
+            warnings.warn(f"the sampling run stopped after {done} of the plan's {self.plan.num_steps} steps: it ran "
+                          f"the plan's first {done} steps (a run with another number of steps has other timesteps "
+                          "and is refused; re-optimize if this was meant to be a shorter run)",
+                          IncompleteRunWarning, stacklevel=3)
 
     def _clear_run_state(self) -> None:
         """Caches, gate/CFG/token/layer-adaptive state and stats of the current run."""
@@ -216,14 +292,15 @@ class OptimizedDenoiser(torch.nn.Module):
         self._la_state: dict = {}
         self._stats = self._new_stats()
 
-    @staticmethod
-    def _new_stats() -> dict:
-        return {"steps": 0, "full_steps": 0, "calls": 0, "flops": 0, "full_flops": 0, "variants": {}}
+    def _new_stats(self) -> dict:
+        return {"steps": 0, "full_steps": 0, "calls": 0, "flops": 0, "full_flops": 0, "variants": {},
+                "planned_steps": self.plan.num_steps}
 
     def stats(self) -> dict:
         """Of the current (or last) run: ``steps``, ``full_steps`` (steps run without any cache read), ``calls``,
         ``computed_fraction`` (matmul-like FLOPs executed by the run's graphs — gates' probes included — / those of
-        the same calls uncached; what ``torch.utils.flop_counter`` measures) and calls per variant."""
+        the same calls uncached; what ``torch.utils.flop_counter`` measures), calls per variant and
+        ``planned_steps``. Before any call: zeros (computed fraction 1.0)."""
         s = dict(self._stats)
         s["computed_fraction"] = s["flops"] / s["full_flops"] if s["full_flops"] else 1.0
         s["variants"] = dict(s["variants"])
@@ -231,28 +308,60 @@ class OptimizedDenoiser(torch.nn.Module):
 
     # -- calling ----------------------------------------------------------------------------------------------
     def forward(self, *user_args, **user_kwargs):
+        if not self._in_call.acquire(blocking=False):
+            raise InputError("this OptimizedDenoiser is running a call from another thread right now: its cache "
+                             "holds one sampling run at a time — give each thread its own with .fork() (they share "
+                             "the model and the step graphs)")
+        try:
+            return self._call(user_args, user_kwargs)
+        finally:
+            self._in_call.release()
+
+    def _call(self, user_args, user_kwargs):
+        if self.traced is None:
+            self._bind_on_first_call(user_args, user_kwargs)
         traced = self.traced
         args, kwargs, want_dict = traced._signature.bind(user_args, user_kwargs, "call arguments")
         leaves, spec = _compat.pytree.tree_flatten((args, kwargs))
         quick = (spec, tuple((x.shape, x.dtype, x.device) if isinstance(x, torch.Tensor) else repr(x) for x in leaves))
         if quick != self._accepted:  # the full key (with argument paths) only when the call's structure changes
-            if _Signature.key(args, kwargs) != traced._key:
+            key = _Signature.key(args, kwargs)
+            if key != traced._key:
                 if not self.plan.read_points():  # a plan without cache reads is the traced model itself
                     return traced(*user_args, **user_kwargs)
                 raise InputError(
-                    "this call's input shapes or constant arguments differ from the calibration calls the plan was "
-                    "built for (resolution, batch size, ...): re-optimize for this configuration")
+                    "this call differs from the calibration calls the plan was built for — "
+                    f"{describe_key_change(traced._key, key)}: re-optimize for this configuration (resolution, "
+                    "batch size, dtype, device, CFG mode)")
             self._accepted = quick
         t = None
         if self._step_index is not None:
             v = leaves[self._step_index]
             t = float(v.reshape(-1)[0]) if isinstance(v, torch.Tensor) else float(v)
+        me = threading.get_ident()
+        if self._run_thread not in (None, me) and 0 <= self._tracker.step < self.plan.num_steps - 1:
+            raise InputError("this OptimizedDenoiser is in the middle of a sampling run started by another thread: "
+                             "its cache holds one run at a time — give each thread its own with .fork() (they "
+                             "share the model and the step graphs), or call .reset() first")
         step, branch, new_run = self._tracker.advance(t)
         if new_run:
+            if step == 0 and self._stats["calls"]:
+                self._end_run()
             self._clear_run_state()
+            self._run_thread = me
         if step >= self.plan.num_steps:
+            self._tracker.reset()
             raise InputError(f"this sampling run has more steps than the plan ({self.plan.num_steps}); "
                              "re-optimize for this number of steps, or call .reset() between runs")
+        want = self.plan.timesteps[step] if step < len(self.plan.timesteps) else None
+        if t is not None and want is not None and not math.isclose(t, want, rel_tol=1e-3, abs_tol=1e-6):
+            self._tracker.reset()
+            self._clear_run_state()
+            shown = ", ".join(f"{x:g}" for x in self.plan.timesteps[:6] if x is not None)
+            raise InputError(
+                f"step {step}: the step input is {t:g}, but the plan was calibrated with {want:g} at this step (the "
+                f"calibrated schedule starts {shown}{', ...' if len(self.plan.timesteps) > 6 else ''}): another "
+                "scheduler, number of steps, shift or strength — re-optimize for this sampling setup")
         cache = self._cache.setdefault(branch, {})
         cfg = self.plan.cfg_cache
         if cfg and branch == 1 and step in cfg["derive"]:
@@ -342,8 +451,12 @@ class OptimizedDenoiser(torch.nn.Module):
                     raise PlanError(f"step {step} (branch {branch}) token-masks {key!r} before computing it once")
                 named[f"cache:{key}[0].d0"] = entry.factors[0][0]
         inputs = list(leaves) + [named[k] for k in io["inputs"][len(leaves):]]  # in the graph's own input order
+        fresh = self._compiler is not None and variant not in self._compiled
+        start = time.perf_counter()
         with torch.no_grad():
             flat = self._callable(variant)(*inputs)
+        if fresh:
+            self._compiled_one(variant, time.perf_counter() - start)
         if self._compiler is not None and self._compiler.cuda_graphs:
             flat = tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in flat)  # replays reuse buffers
         if store:
@@ -357,16 +470,21 @@ class OptimizedDenoiser(torch.nn.Module):
 
     # -- compilation --------------------------------------------------------------------------------------------
     def compile(self, backend: str | Callable = "inductor", *, mode: str | None = None, cuda_graphs: bool = False,
-                options: dict | None = None) -> OptimizedDenoiser:
+                options: dict | None = None, progress: bool = False) -> OptimizedDenoiser:
         """Compile every step graph with ``torch.compile(fullgraph=True, dynamic=False)`` and ``backend`` (a
         torch.compile backend name or callable; ``"tensorrt"`` = torch-tensorrt). Each variant is one static graph:
         the cache enters and leaves as ordinary inputs and outputs, so a sampling run after warm-up triggers no graph
         break and no recompilation (one compiled graph per variant). ``cuda_graphs=True`` (inductor, CUDA only)
         captures each variant in a CUDA graph (``mode="reduce-overhead"``); outputs are copied out of the graph's
         static buffers before they are cached. Gate decisions, token selection and the CFG cache's FFT run between
-        the compiled graphs. Returns ``self``."""
-        self._compiler = _Compiler.make(backend, mode, cuda_graphs, options, self.traced.model)
+        the compiled graphs. torch.compile compiles each graph on its first call (during the first sampling run);
+        each compilation is logged with its time, and ``progress=True`` shows a bar over the step graphs. Returns
+        ``self``."""
+        if not isinstance(progress, bool):
+            raise InputError(f"progress must be True or False, got {progress!r}")
+        self._compiler = _Compiler.make(backend, mode, cuda_graphs, options, self._model)
         self._compiled = {}
+        self._compile_progress = progress
         return self
 
     def _callable(self, variant: Variant):
@@ -378,6 +496,24 @@ class OptimizedDenoiser(torch.nn.Module):
         if self._compiler.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         return fn
+
+    def _compiled_one(self, variant: Variant, seconds: float) -> None:
+        """Report one step graph compiled (on its first call): a log line, and the bar when asked for."""
+        done, total = len(self._compiled), len(self._graphs)
+        log.info("compiled step graph %d/%d (%s) in %.1f s", done, total, variant.name, seconds)
+        if getattr(self, "_compile_progress", False):
+            bar = self.__dict__.get("_compile_bar")
+            if bar is None:
+                try:
+                    from tqdm.auto import tqdm
+                except ImportError:
+                    return
+                bar = self.__dict__["_compile_bar"] = tqdm(total=total, desc="fxcache compile", unit="graph",
+                                                           leave=False)
+            bar.set_postfix_str(variant.name[:40])
+            bar.update(1)
+            if done >= total:
+                bar.close()
 
     def cache_bytes(self) -> int:
         """Bytes of the tensors this run's caches hold now (all branches; storages counted once)."""
@@ -523,17 +659,57 @@ class OptimizedDenoiser(torch.nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name.startswith("_") or "traced" not in self.__dict__.get("_modules", {}):
+            model = self.__dict__.get("_model")
+            if name.startswith("_") or model is None:
                 raise
-            return getattr(self.traced.model, name)  # config, dtype, device, ... as pipelines expect
+            return getattr(model, name)  # config, dtype, device, ... as pipelines expect
 
     def search_report(self) -> str:
-        """The plan search's candidates, predicted vs measured error (``optimize(method="auto")`` only)."""
+        """The plan search's candidates, predicted vs measured error, and why the plan was chosen
+        (``optimize(method="auto")``; a loaded or explicit-method plan says where it came from)."""
         result = self.__dict__.get("search")
-        return result.report() if result is not None else "no search: the plan came from an explicit method"
+        if result is not None:
+            return result.report()
+        if self._source:
+            return f"no search in this session: the plan ({self.plan.method}) was loaded from {self._source}"
+        return f"no search: the plan came from an explicit method ({self.plan.method})"
 
-    def extra_repr(self) -> str:
-        return f"plan={self.plan.summary()}, variants={len(self._graphs)}"
+    def fork(self) -> OptimizedDenoiser:
+        """Another optimized denoiser with this one's plan and step graphs (shared, not copied) but its own cache
+        and run state: one per thread or per concurrent request, all on the same model weights. A bound denoiser's
+        forks are bound (no tracing in the threads — torch.export is not thread-safe, so bind before forking:
+        call it once, or fork the one ``optimize`` returned); compiled graphs are shared unless they use CUDA
+        graphs (their static buffers belong to one caller), which each fork captures anew."""
+        twin = OptimizedDenoiser(None, self.plan, model=self._model, source=self._source,
+                                 check_weights=self._check_weights)
+        twin.profile, twin.search = self.profile, self.search
+        if self.bound:
+            twin.traced = self.traced
+            for name in ("_points", "_graphs", "_flops", "_full_flops", "_variant_of_step", "_gate",
+                         "_gate_variants", "_step_index", "_max_order"):
+                if name in self.__dict__:
+                    twin.__dict__[name] = self.__dict__[name]
+            twin.variants = self.variants
+        if self._compiler is not None:
+            twin._compiler = self._compiler
+            twin._compile_progress = False
+            if not self._compiler.cuda_graphs:
+                twin._compiled = self._compiled  # shared: one compilation serves every fork
+        return twin
+
+    def save(self, path: str | os.PathLike) -> str:
+        """Write the plan (JSON, atomically); :func:`fxcache.load` binds it to a model again."""
+        return self.plan.save(path)
+
+    def __repr__(self) -> str:
+        state = f"{len(self._graphs)} step graphs" if self.bound else "not bound yet: traced on its first call"
+        parts = [f"model={type(self._model).__name__}", f"plan={self.plan.summary()}", state]
+        if self._compiler is not None:
+            backend = self._compiler.backend if isinstance(self._compiler.backend, str) else "custom"
+            parts.append(f"compiled={backend}" + (" + CUDA graphs" if self._compiler.cuda_graphs else ""))
+        if self._source:
+            parts.append(f"from={self._source}")
+        return f"OptimizedDenoiser({', '.join(parts)})"
 
 
 def _fft2(x: torch.Tensor) -> torch.Tensor:

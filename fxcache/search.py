@@ -33,7 +33,6 @@ import numpy as np
 import torch
 
 from fxcache import methods as M
-from fxcache.analysis.calibrate import _final_tensor
 from fxcache.analysis.profile import Profile
 from fxcache.errors import InputError
 from fxcache.plan import Plan
@@ -211,7 +210,7 @@ class _Validator:
 
 def search(prof: Profile, run_loop: Callable[[Any, int], torch.Tensor], num_prompts: int, *,
            speedup: float | None = None, tolerance: float | None = None, validate_top: int = 6,
-           progress: Callable[[str], None] | None = None) -> SearchResult:
+           progress: bool = False) -> SearchResult:
     """Search plans for ``prof``'s model (see the module docstring). ``run_loop(denoiser, i)`` runs calibration
     prompt ``i`` with ``denoiser`` and returns the final sample."""
     if (speedup is None) == (tolerance is None):
@@ -285,15 +284,25 @@ def search(prof: Profile, run_loop: Callable[[Any, int], torch.Tensor], num_prom
             build(name, plan)
         return min(cache.values(), key=lambda c: c.fraction, default=None)
 
+    bar = _Bar(progress)
+
     def validate(cands: list[Candidate]) -> None:
         library = [c for c in cands if not c.name.startswith(("layer ", "block ", "stack "))]
         ranked = sorted((c for c in cands if c not in library), key=lambda c: c.predicted)[:validate_top]
-        for c in dict.fromkeys(library + ranked):
-            if math.isnan(c.measured):
-                if progress:
-                    progress(c.name)
-                c.measured, c.psnr, _ = validator(c.denoiser)
+        todo = [c for c in dict.fromkeys(library + ranked) if math.isnan(c.measured)]
+        bar.grow(len(todo))
+        for c in todo:
+            bar.step(c.name)
+            c.measured, c.psnr, _ = validator(c.denoiser)
 
+    try:
+        return _run(speedup, tolerance, prof, for_target, fastest, validate, build)
+    finally:
+        bar.close()
+
+
+def _run(speedup, tolerance, prof, for_target, fastest, validate, build) -> SearchResult:
+    """The target logic of :func:`search` (candidates → validation → choice)."""
     if speedup is not None:
         target = 1.0 / speedup
         cands = for_target(target)
@@ -335,6 +344,33 @@ def search(prof: Profile, run_loop: Callable[[Any, int], torch.Tensor], num_prom
                         f"no validated plan met the tolerance {tolerance:g}: the uncached plan")
 
 
+class _Bar:
+    """A tqdm bar over the search's validation runs (its total grows as targets are tried); silent when off."""
+
+    def __init__(self, enabled: bool):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=0, desc="fxcache search", unit="plan", leave=False)
+
+    def grow(self, n: int) -> None:
+        if self.bar is not None and n:
+            self.bar.total += n
+            self.bar.refresh()
+
+    def step(self, name: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(name[:40])
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _family(name: str) -> str:
     """A library candidate's method family: its repr without the interval (``TaylorSeer(order=2, ...)``)."""
     import re
@@ -354,6 +390,3 @@ def _choose(measured: list[Candidate], target: float) -> tuple[Candidate, str]:
     return best, (head + f" is within {NEAR_EQUAL:.0%} of the lowest measured error ({lowest.measured:.4g}, "
                   f"{lowest.name} at fraction {lowest.fraction:.3f}) and closer to the target")
 
-
-def final_tensor(out) -> torch.Tensor:
-    return _final_tensor(out, "the sampling loop's result")
