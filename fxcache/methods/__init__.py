@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -43,20 +43,56 @@ __all__ = [
 
 @dataclasses.dataclass
 class PlanContext:
-    """What a method may use to build a plan."""
+    """What a method may use to build a plan: the cache points (and gate signals) of the traced graph, the number
+    of steps and timesteps, the traced graph itself, and the profile (``None`` for a structural check before any
+    calibration — :meth:`Method.check`)."""
 
     fingerprint: str
     num_steps: int
     points: Sequence[CachePoint]
     timesteps: Sequence[float | None] = ()
     profile: Any = None
+    traced: Any = None
+    signals: Sequence[CachePoint] = ()
 
     def of_kind(self, kind: str) -> list[CachePoint]:
         return [p for p in self.points if p.kind == kind]
 
+    def graph(self, needs: str):
+        """The traced denoiser (``needs`` says why, in the error raised without one)."""
+        traced = self.traced if self.traced is not None else getattr(self.profile, "traced", None)
+        if traced is None:
+            raise InputError(needs)
+        return traced
+
+    def signal_points(self) -> list[CachePoint]:
+        if self.signals:
+            return list(self.signals)
+        return list(getattr(self.profile, "signal_points", []) or [])
+
+
+#: parameter rules: name -> (kind, low, high) with kind "int", "number", "bool", "fraction" (a number in [low, high])
+_Rule = tuple[str, float | None, float | None]
+
 
 class Method:
-    """Base: subclasses implement :meth:`schedule` (per step: point key -> action)."""
+    """Base: subclasses implement :meth:`schedule` (per step: point key -> action), and may refine :meth:`check`
+    (can this model take the method, from its traced structure alone?) and ``_rules`` (parameter types/ranges,
+    checked when the method is made)."""
+
+    _rules: ClassVar[dict[str, _Rule]] = {}
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse parameters of the wrong type or out of range (``InputError`` naming the parameter)."""
+        for name, (kind, low, high) in self._rules.items():
+            _check_param(self, name, getattr(self, name), kind, low, high)
+
+    def check(self, ctx: PlanContext) -> None:
+        """Refuse (``InputError``) a model this method cannot apply to, from its traced structure alone — run by
+        :func:`fxcache.optimize` before any calibration. The default accepts every model."""
 
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} if dataclasses.is_dataclass(self) \
@@ -66,6 +102,7 @@ class Method:
         raise NotImplementedError
 
     def plan(self, ctx: PlanContext) -> Plan:
+        self.check(ctx)
         steps = self.schedule(ctx)
         return Plan(fingerprint=ctx.fingerprint, num_steps=ctx.num_steps, steps=steps, method=type(self).__name__,
                     params=self.params(), timesteps=list(ctx.timesteps))
@@ -94,17 +131,30 @@ def forecast_schedule(full: Sequence[bool], keys: Sequence[str], action_for) -> 
     return steps
 
 
+def _check_param(method: Method, name: str, value: Any, kind: str, low: float | None, high: float | None) -> None:
+    where = f"{type(method).__name__}({name}={value!r})"
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise InputError(f"{where}: {name} must be True or False")
+        return
+    if kind == "int" and (not isinstance(value, (int, np.integer)) or isinstance(value, bool)):
+        raise InputError(f"{where}: {name} must be an integer")
+    if kind in ("number", "fraction") and (not isinstance(value, (int, float, np.integer, np.floating))
+                                            or isinstance(value, bool) or not np.isfinite(value)):
+        raise InputError(f"{where}: {name} must be a finite number")
+    if low is not None and value < low or high is not None and value > high:
+        bounds = (f">= {low:g}" if high is None else f"<= {high:g}" if low is None else f"in [{low:g}, {high:g}]")
+        raise InputError(f"{where}: {name} must be {bounds}")
+
+
 def _check_interval(interval: int) -> None:
-    if not isinstance(interval, int) or interval < 1:
+    if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
         raise InputError(f"interval must be an integer >= 1, got {interval!r}")
 
 
 def _profiled_graph(ctx: PlanContext, needs: str):
-    """The traced graph the profile was made on; ``needs`` says why, in the error raised without one."""
-    traced = getattr(ctx.profile, "traced", None)
-    if traced is None:
-        raise InputError(needs)
-    return traced
+    """The traced graph (from the context or the profile); ``needs`` says why, in the error raised without one."""
+    return ctx.graph(needs)
 
 
 def _layers(ctx: PlanContext, method: str) -> list[CachePoint]:
@@ -138,6 +188,24 @@ class Scheduled(Method):
     full: int | tuple[int, ...] = 6
     action: str = "reuse"
     granularity: str = "stack"
+
+    def validate(self) -> None:
+        if isinstance(self.full, bool) or not isinstance(self.full, (int, tuple, list)):
+            raise InputError(f"Scheduled(full={self.full!r}): full must be a number of steps or a tuple of step "
+                             "indices")
+        if isinstance(self.full, int) and self.full < 1:
+            raise InputError(f"Scheduled(full={self.full}): full must be >= 1")
+        if isinstance(self.full, (tuple, list)) and (
+                not self.full or any(not isinstance(x, int) or isinstance(x, bool) or x < 0 for x in self.full)):
+            raise InputError(f"Scheduled(full={self.full!r}): full steps must be non-negative step indices")
+        if self.action not in _SCHEDULED_ACTIONS:
+            raise InputError(f"Scheduled(action={self.action!r}): action must be one of {_SCHEDULED_ACTIONS}")
+        if self.granularity not in _GRANULARITY:
+            raise InputError(f"Scheduled(granularity={self.granularity!r}): granularity must be one of "
+                             f"{_GRANULARITY}")
+
+    def check(self, ctx):
+        self.points(ctx)
 
     def full_steps(self, num_steps: int) -> list[int]:
         if isinstance(self.full, int):
@@ -178,6 +246,10 @@ class FORA(Method):
     between; gates and modulation are recomputed from the current conditioning."""
 
     interval: int = 3
+    _rules: ClassVar[dict[str, _Rule]] = {"interval": ("int", 1, None)}
+
+    def check(self, ctx):
+        _layers(ctx, "FORA")
 
     def schedule(self, ctx):
         _check_interval(self.interval)
@@ -195,6 +267,11 @@ class TaylorSeer(Method):
     interval: int = 4
     order: int = 2
     warmup: int = 3
+    _rules: ClassVar[dict[str, _Rule]] = {"interval": ("int", 1, None), "order": ("int", 0, 2),
+                                          "warmup": ("int", 1, None)}
+
+    def check(self, ctx):
+        _layers(ctx, type(self).__name__)
 
     def schedule(self, ctx):
         _check_interval(self.interval)
@@ -220,6 +297,16 @@ class DeltaDiT(Method):
     interval: int = 2
     boundary: float = 0.5
     blocks: int | None = None
+    _rules: ClassVar[dict[str, _Rule]] = {"interval": ("int", 1, None), "boundary": ("fraction", 0.0, 1.0)}
+
+    def validate(self) -> None:
+        super().validate()
+        if self.blocks is not None:
+            _check_param(self, "blocks", self.blocks, "int", 1, None)
+
+    def check(self, ctx):
+        if not any(p.residual for p in ctx.of_kind("block")):
+            raise InputError("Δ-DiT caches block residuals but this model has no residual block cache points")
 
     def schedule(self, ctx):
         _check_interval(self.interval)
@@ -251,6 +338,8 @@ class HiCache(TaylorSeer):
     interval: int = 5
     order: int = 2
     warmup: int = 3
+    _rules: ClassVar[dict[str, _Rule]] = {"interval": ("int", 1, None), "order": ("int", 2, 2),
+                                          "warmup": ("int", 1, None)}
 
     def schedule(self, ctx):
         _check_interval(self.interval)
@@ -267,12 +356,15 @@ class ABCache(Method):
 
     interval: int = 3
     warmup: int = 2
+    _rules: ClassVar[dict[str, _Rule]] = {"interval": ("int", 1, None), "warmup": ("int", 1, None)}
+
+    def check(self, ctx):
+        if not (ctx.of_kind("stack") or [p for p in ctx.of_kind("block") if p.residual]):
+            raise InputError("AB-Cache needs a block stack to extrapolate")
 
     def schedule(self, ctx):
         _check_interval(self.interval)
         stacks = ctx.of_kind("stack") or [p for p in ctx.of_kind("block") if p.residual]
-        if not stacks:
-            raise InputError("AB-Cache needs a block stack to extrapolate")
         full = _full_steps(ctx.num_steps, self.interval, max(self.warmup, 1))
         return forecast_schedule(full, [p.key for p in stacks], lambda c: "ab2" if c >= 2 else "reuse")
 
@@ -285,18 +377,28 @@ class DeepCache(Method):
 
     interval: int = 3
     branch: int = 0
+    _rules: ClassVar[dict[str, _Rule]] = {"interval": ("int", 1, None), "branch": ("int", 0, None)}
 
-    def schedule(self, ctx):
-        _check_interval(self.interval)
-        structure = getattr(getattr(ctx.profile, "traced", None), "structure", None)
+    def _decoder(self, ctx):
+        traced = ctx.traced if ctx.traced is not None else getattr(ctx.profile, "traced", None)
+        structure = getattr(traced, "structure", None)
         decoder = None
         if structure is not None:
             decoder = next((s for s in reversed(structure.stacks) if any(b.skip_in for b in s.blocks)), None)
         if decoder is None or len(decoder.blocks) < 2:
             raise InputError("DeepCache needs a U-Net: a decoder stack of two or more blocks fed by skip connections")
+        if len(decoder.blocks) - 2 - self.branch < 0:
+            raise InputError(f"DeepCache(branch={self.branch}): branch must be between 0 and "
+                             f"{len(decoder.blocks) - 2} for this U-Net")
+        return decoder
+
+    def check(self, ctx):
+        self._decoder(ctx)
+
+    def schedule(self, ctx):
+        _check_interval(self.interval)
+        decoder = self._decoder(ctx)
         index = len(decoder.blocks) - 2 - self.branch
-        if index < 0:
-            raise InputError(f"branch must be between 0 and {len(decoder.blocks) - 2}, got {self.branch}")
         key = f"block:{decoder.blocks[index].path}"
         full = _full_steps(ctx.num_steps, self.interval, 1)
         return [{} if f else {key: "reuse"} for f in full]
@@ -313,6 +415,22 @@ class PAB(Method):
     self_range: int = 2
     cross_range: int = 6
     window: tuple[float, float] = (450.0, 930.0)
+    _rules: ClassVar[dict[str, _Rule]] = {"self_range": ("int", 1, None), "cross_range": ("int", 1, None)}
+
+    def validate(self) -> None:
+        super().validate()
+        w = self.window
+        if (not isinstance(w, (tuple, list)) or len(w) != 2
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in w) or w[0] >= w[1]):
+            raise InputError(f"PAB(window={w!r}): window must be (low, high) timesteps with low < high")
+
+    def check(self, ctx):
+        from fxcache.analysis.points import attention_kind
+
+        traced = _profiled_graph(ctx, "PAB needs the traced graph to tell self- from cross-attention")
+        if not any(attention_kind(traced.graph_module, p) is not None for p in ctx.of_kind("layer")):
+            raise InputError("PAB broadcasts attention outputs, but none of this model's layer cache points is an "
+                             "attention module (a U-Net's attention sits inside a transformer branch: use DeepCache)")
 
     def schedule(self, ctx):
         from fxcache.analysis.points import attention_kind
@@ -349,6 +467,12 @@ class MagCache(Method):
     threshold: float = 0.24
     max_skips: int = 5
     retention: float = 0.1
+    _rules: ClassVar[dict[str, _Rule]] = {"threshold": ("number", 0.0, None), "max_skips": ("int", 0, None),
+                                          "retention": ("fraction", 0.0, 1.0)}
+
+    def check(self, ctx):
+        if not (ctx.of_kind("stack") or [p for p in ctx.of_kind("block") if p.residual]):
+            raise InputError("MagCache needs a stack residual (a stack of residual blocks)")
 
     def schedule(self, ctx):
         prof = ctx.profile
@@ -392,6 +516,10 @@ class FBCache(Method):
     step and per sample on the host after the first block (one device→host sync per step)."""
 
     threshold: float = 0.08
+    _rules: ClassVar[dict[str, _Rule]] = {"threshold": ("number", 0.0, None)}
+
+    def check(self, ctx):
+        _residual_blocks(ctx, "FBCache")
 
     def schedule(self, ctx):
         return [{} for _ in range(ctx.num_steps)]
@@ -414,6 +542,13 @@ class TeaCache(Method):
 
     threshold: float = 0.25
     degree: int = 4
+    _rules: ClassVar[dict[str, _Rule]] = {"threshold": ("number", 0.0, None), "degree": ("int", 0, 8)}
+
+    def check(self, ctx):
+        if not (ctx.of_kind("stack") or [p for p in ctx.of_kind("block") if p.residual]):
+            raise InputError("TeaCache needs a stack of residual blocks to skip")
+        if not any(p.key.endswith(".modulated_input") for p in ctx.signal_points()):
+            raise InputError("TeaCache needs the first block's modulated input; none was found in the graph")
 
     def schedule(self, ctx):
         return [{} for _ in range(ctx.num_steps)]
@@ -437,8 +572,7 @@ class TeaCache(Method):
 
     @staticmethod
     def _signal(ctx) -> str:
-        prof = ctx.profile
-        first = next((p for p in prof.signal_points if p.key.endswith(".modulated_input")), None)
+        first = next((p for p in ctx.signal_points() if p.key.endswith(".modulated_input")), None)
         if first is None:
             raise InputError("TeaCache needs the first block's modulated input; none was found in the graph")
         return first.key
@@ -463,6 +597,16 @@ class DBCache(Method):
     back: int = 0
     threshold: float = 0.08
     warmup: int = 8
+    _rules: ClassVar[dict[str, _Rule]] = {"front": ("int", 1, None), "back": ("int", 0, None),
+                                          "threshold": ("number", 0.0, None), "warmup": ("int", 0, None)}
+
+    def check(self, ctx):
+        blocks = _residual_blocks(ctx, "DBCache")
+        n_first = sum(1 for b in blocks if b.stack == blocks[0].stack)
+        front = min(self.front, n_first)
+        if front + self.back >= len(blocks):
+            raise InputError(f"DBCache(front={self.front}, back={self.back}) leaves no middle blocks to cache in a "
+                             f"model with {len(blocks)} residual blocks")
 
     def plan(self, ctx):
         from fxcache.analysis.points import range_point
@@ -495,15 +639,24 @@ class EasyCache(Method):
 
     threshold: float = 0.05
     warmup: int = 5
+    _rules: ClassVar[dict[str, _Rule]] = {"threshold": ("number", 0.0, None), "warmup": ("int", 1, None)}
 
-    def plan(self, ctx):
+    @staticmethod
+    def _point(ctx):
         from fxcache.analysis.points import output_point
 
-        traced = _profiled_graph(ctx, "EasyCache builds its output point on the profiled graph; use fxcache.optimize")
+        traced = _profiled_graph(ctx, "EasyCache builds its output point on the traced graph; use fxcache.optimize")
         point = output_point(traced.graph_module, traced.structure)
         if point is None:
             raise InputError("EasyCache caches v − x: this model's output is not shaped like its sample input "
                              "(e.g. a learned-sigma DiT returns twice the channels)")
+        return point
+
+    def check(self, ctx):
+        self._point(ctx)
+
+    def plan(self, ctx):
+        point = self._point(ctx)
         plan = super().plan(ctx)
         plan.extra_points = [dataclasses.asdict(point)]
         plan.gate = {"kind": "easycache", "signal": "signal:sample", "skip": {point.key: "reuse"},
@@ -538,18 +691,41 @@ class FasterCache(Method):
     weight: float = 1.15
     hf_from: float = 2 / 3
     lf_until: float = 5 / 6
+    _rules: ClassVar[dict[str, _Rule]] = {"attention": ("bool", None, None), "cfg": ("bool", None, None),
+                                          "attention_start": ("fraction", 0.0, 1.0), "start": ("fraction", 0.0, 1.0),
+                                          "interval": ("int", 1, None), "radius": ("number", 0.0, 1.0),
+                                          "weight": ("number", 0.0, None), "hf_from": ("fraction", 0.0, 1.0),
+                                          "lf_until": ("fraction", 0.0, 1.0)}
+
+    def validate(self) -> None:
+        super().validate()
+        if not (self.attention or self.cfg):
+            raise InputError("FasterCache(attention=False, cfg=False) caches nothing: enable one half")
+
+    def _attention(self, ctx):
+        from fxcache.analysis.points import attention_kind
+
+        traced = _profiled_graph(ctx, "FasterCache finds attention layers on the traced graph; use fxcache.optimize")
+        attn = [p for p in ctx.of_kind("layer") if attention_kind(traced.graph_module, p) is not None]
+        if not attn:
+            raise InputError("FasterCache's attention reuse found no attention layer cache point (a U-Net's "
+                             "attention sits inside a transformer branch); pass attention=False")
+        return attn
+
+    def check(self, ctx):
+        if self.attention:
+            self._attention(ctx)
+        if self.cfg:
+            out = next((p for p in ctx.signal_points() if p.key == "signal:output"), None)
+            if out is None or len(out.shapes[0]) not in (4, 5):
+                raise InputError("FasterCache's CFG cache splits frequencies over (H, W): the model output must be "
+                                 "(B, C, H, W) or (B, C, F, H, W); pass cfg=False")
 
     def schedule(self, ctx):
         t = ctx.num_steps
         if not self.attention:
             return [{} for _ in range(t)]
-        from fxcache.analysis.points import attention_kind
-
-        traced = _profiled_graph(ctx, "FasterCache finds attention layers on the profiled graph; use fxcache.optimize")
-        attn = [p for p in ctx.of_kind("layer") if attention_kind(traced.graph_module, p) is not None]
-        if not attn:
-            raise InputError("FasterCache's attention reuse found no attention layer cache point (a U-Net's "
-                             "attention sits inside a transformer branch); pass attention=False")
+        attn = self._attention(ctx)
         first = max(2, round(self.attention_start * t))
         span = max(1, t - first - 3)
         out = []
@@ -562,21 +738,14 @@ class FasterCache(Method):
         return out
 
     def plan(self, ctx):
-        if not (self.attention or self.cfg):
-            raise InputError("FasterCache with attention=False and cfg=False caches nothing")
         plan = super().plan(ctx)
         if not self.cfg:
             return plan
-        _check_interval(self.interval)
         prof = ctx.profile
         if prof is None or prof.cfg != "separate":
             raise InputError("FasterCache's CFG cache needs classifier-free guidance done in two calls per step "
                              f"(profiled: {getattr(prof, 'cfg', 'unknown')}); pass cfg=False to use only the "
                              "attention reuse")
-        out = next((p for p in prof.signal_points if p.key == "signal:output"), None)
-        if out is None or len(out.shapes[0]) not in (4, 5):
-            raise InputError("FasterCache's CFG cache splits frequencies over (H, W): the model output must be "
-                             "(B, C, H, W) or (B, C, F, H, W); pass cfg=False")
         t = ctx.num_steps
         first = max(1, round(self.start * t))
         refresh, derive, weights = [], [], {}
@@ -615,11 +784,21 @@ class ToCa(Method):
     interval: int = 3
     ratio: float = 0.9
     seed: int = 0
+    _rules: ClassVar[dict[str, _Rule]] = {"interval": ("int", 1, None), "ratio": ("fraction", 0.0, 1.0),
+                                          "seed": ("int", None, None)}
+
+    def validate(self) -> None:
+        super().validate()
+        self._check()
 
     def _check(self):
         _check_interval(self.interval)
         if not 0.0 <= self.ratio < 1.0:
-            raise InputError(f"ratio (the cached share of tokens) must be in [0, 1), got {self.ratio!r}")
+            raise InputError(f"{type(self).__name__}(ratio={self.ratio!r}): ratio (the cached share of tokens) must "
+                             "be in [0, 1)")
+
+    def check(self, ctx):
+        _token_layers(ctx, type(self).__name__)
 
     def schedule(self, ctx):
         self._check()
@@ -679,21 +858,28 @@ class Foresight(Method):
     warmup: int = 8
     recalculate: int = 2
     gamma: float = 0.5
+    _rules: ClassVar[dict[str, _Rule]] = {"warmup": ("int", 2, None), "recalculate": ("int", 1, None),
+                                          "gamma": ("number", 0.0, None)}
+
+    @staticmethod
+    def _outputs(ctx):
+        from fxcache.analysis.points import block_output_points
+
+        traced = _profiled_graph(ctx, "Foresight builds block-output points on the traced graph; use fxcache.optimize")
+        outs = [p for p in block_output_points(traced.graph_module, traced.structure) if not any(
+            b.skip_out for s in traced.structure.stacks for b in s.blocks if b.path == p.block)]
+        if not outs:
+            raise InputError("Foresight needs blocks whose outputs only feed the next block")
+        return outs
+
+    def check(self, ctx):
+        self._outputs(ctx)
 
     def schedule(self, ctx):
         return [{} for _ in range(ctx.num_steps)]
 
     def plan(self, ctx):
-        from fxcache.analysis.points import block_output_points
-
-        traced = _profiled_graph(ctx, "Foresight builds block-output points on the profiled graph; use fxcache.optimize")
-        _check_interval(self.recalculate)
-        if self.warmup < 2:
-            raise InputError("Foresight needs warmup >= 2 (thresholds come from the change between warm-up steps)")
-        outs = [p for p in block_output_points(traced.graph_module, traced.structure) if not any(
-            b.skip_out for s in traced.structure.stacks for b in s.blocks if b.path == p.block)]
-        if not outs:
-            raise InputError("Foresight needs blocks whose outputs only feed the next block")
+        outs = self._outputs(ctx)
         plan = super().plan(ctx)
         plan.extra_points = [dataclasses.asdict(p) for p in outs]
         plan.layer_adaptive = {"blocks": [p.key for p in outs], "warmup": self.warmup,
