@@ -1,8 +1,12 @@
-"""``fxcache`` command line. ``fxcache demo`` runs the whole flow on the bundled trained digits model."""
+"""``fxcache`` command line. ``fxcache demo`` runs the whole flow on the bundled trained digits model.
+
+Errors print one line naming the cause and exit with status 2 (``--debug`` shows the traceback).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import math
 import os
@@ -11,15 +15,56 @@ import time
 
 log = logging.getLogger("fxcache.cli")
 
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A problem the command line reports in one line (exit status 2)."""
+
+
+def _positive_float(text: str, minimum: float = 1.0) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < minimum:
+        raise argparse.ArgumentTypeError(f"must be a number >= {minimum:g}, got {text}")
+    return value
+
+
+def _speedup(text: str) -> float:
+    return _positive_float(text, 1.0)
+
+
+def _steps(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"needs at least 2 sampling steps, got {value}")
+    return value
+
+
+def _require(module: str, extra: str, what: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise CliError(f"{what} needs the '{module}' package, which is not installed: "
+                       f"pip install 'fxcache[{extra}]'")
+
 
 def demo(args: argparse.Namespace) -> int:
+    _require("diffusers", "diffusers", "fxcache demo")
+    _require("matplotlib", "plot", "fxcache demo (the profile heatmap)")
     import torch
 
     import fxcache
     from fxcache.testing.digits import digits_model, digits_sampler
 
     out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise CliError(f"cannot create the output directory {out}: {e.strerror}") from e
     model, sampler = digits_model(), digits_sampler(steps=args.steps)
     calib = [{"label": c, "seed": 100 + c} for c in (1, 4, 7)]
     held_out = [{"label": c, "seed": 1000 + c} for c in range(10)]
@@ -60,21 +105,56 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (the cause, and where to read the options), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fxcache import __version__
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = _Parser(prog="fxcache", formatter_class=fmt,
+                     description="diffusion caching as graph transformation over torch.fx")
+    parser.add_argument("--version", action="version", version=f"fxcache {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and fxcache's debug log")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    d = sub.add_parser("demo", formatter_class=fmt, help="trace, profile, optimize and run the bundled trained model",
+                       description="The whole flow on the bundled trained digits model: trace, profile, plan search, "
+                                   "then 10 held-out prompts uncached vs optimized (needs fxcache[diffusers,plot]).")
+    d.add_argument("--speedup", type=_speedup, default=3.0, help="speed target of the plan search (>= 1)")
+    d.add_argument("--steps", type=_steps, default=20, help="sampling steps (>= 2)")
+    d.add_argument("--out", default="fxcache-demo", help="directory for the reports and the plan")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="as fxcache --debug")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fxcache", description="diffusion caching as graph transformation")
-    sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="trace, profile, optimize and run the bundled trained model")
-    d.add_argument("--speedup", type=float, default=3.0)
-    d.add_argument("--steps", type=int, default=20)
-    d.add_argument("--out", default="fxcache-demo")
-    d.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)  # usage errors: argparse prints one line and exits with status 2
+    debug = getattr(args, "debug", False)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("fxcache").setLevel(logging.WARNING)
+    logging.getLogger("fxcache").setLevel(logging.DEBUG if debug else logging.WARNING)
     logging.getLogger("fxcache.cli").setLevel(logging.INFO)
-    if args.command == "demo":
-        return demo(args)
-    return 2
+    commands = {"demo": demo}
+    try:
+        return commands[args.command](args)
+    except KeyboardInterrupt:
+        print("fxcache: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        from fxcache.errors import FxCacheError
+
+        kind = "" if isinstance(e, (FxCacheError, CliError)) else f"{type(e).__name__}: "
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"fxcache {args.command}: error: {kind}{message} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":
