@@ -1,8 +1,10 @@
 """The GPU check: one script a maintainer runs on a GPU machine (H100/H200, torch >= 2.11, diffusers and cache-dit
 installed from wheels) — the GPU tests, then the speed rows — in under 8 minutes wall, writing one JSON.
 
-    python benchmarks/gpu_check.py --out gpu_results              # on the GPU machine (see README: "GPU check")
-    python benchmarks/gpu_check.py --tiny --out /tmp/gpu_check    # CPU rehearsal at tiny size (about 2 minutes)
+    python benchmarks/gpu_check.py --out out/gpu_check            # on the GPU machine (see README: "GPU check")
+    python benchmarks/gpu_check.py --tiny --repeats 1 --out out/gpu_check   # smoke
+
+The second line is the CPU rehearsal at tiny size (a minute or two): every section runs, the GPU tests skip.
 
 Sections, in this order, each in a child process with its own time limit inside one overall deadline
 (``--minutes``, default 7.5), so a slow compile can lose only its own section's remaining rows:
@@ -299,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             add_row(path, {"section": name, "row": "(section)", "skipped": "overall deadline reached"})
             continue
         limit = left * share
-        cmd = [sys.executable, os.path.abspath(__file__), "--out", args.out, "--section", name,
+        cmd = [sys.executable, os.path.abspath(__file__), "--out", os.path.abspath(args.out), "--section", name,
                "--deadline", str(time.time() + limit - 5), "--device", device, "--dtype", dtype, "--steps", str(steps),
                "--repeats", str(args.repeats)] + (["--inductor-on-cpu"] if args.inductor_on_cpu else [])
         log.info("section %s: up to %.0f s", name, limit)

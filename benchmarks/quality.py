@@ -3,7 +3,17 @@ cache-dit, on a trained model, held-out prompts and seeds.
 
     python benchmarks/quality.py                       # bundled FLUX-architecture digits model, 20 steps (~10 min, CPU)
     python benchmarks/quality.py --model dit           # bundled DiT digits model (DDIM)
-    python benchmarks/quality.py --quick --out /tmp/q  # smoke run: 3 prompts, 2 speedups, few configurations
+    python benchmarks/quality.py --quick               # shorter sweeps (below), same prompts and targets
+    python benchmarks/quality.py --quick --prompts 1 --calib 1 --speedups 3 --methods FORA --steps 8   # smoke
+
+Results go to ``--out`` (default ``out/quality``, under the current directory; created). The tracked results in
+``benchmarks/results/`` are only ever written on request: ``--out benchmarks/results``.
+
+``--quick`` shortens the sweeps and nothing else: fxcache's methods at intervals 2, 3, 4, 6 (not 2–8) and thresholds
+0.05, 0.2, 0.8 (not 0.02–3.2); diffusers' hooks at thresholds 0.05, 0.2, 0.8 (not 0.02–1.6) and intervals 2, 4 (not
+2–8); cache-dit at 2, 4, 7 and 10 full steps (those up to ``--steps``; not every count up to 60 % of the steps). The
+prompts (``--prompts``), calibration prompts (``--calib``), targets (``--speedups``), steps and peers stay as given,
+so a small run names them too, as the smoke line does.
 
 Stages, top to bottom:
 
@@ -13,8 +23,8 @@ Stages, top to bottom:
    and seeds); every fxcache method over a sweep of its interval or threshold; diffusers' hooks
    (``FirstBlockCacheConfig``, ``TaylorSeerCacheConfig``, ``MagCacheConfig`` with ratios from its own ``calibrate=True``
    run); cache-dit (``DBCache`` F1B0, ``DBCache`` + ``TaylorSeer`` order 1 and ``DBCache`` + its ``FoCa``
-   calibrator, each with a static ``steps_computation_mask`` for every number of full steps). A peer that refuses the model is recorded with its
-   error.
+   calibrator, each with a static ``steps_computation_mask`` for every number of full steps). A peer that refuses
+   the model is recorded with its error.
 3. **run** — every configuration on every held-out prompt. *Computed work* is measured the same way for everyone:
    FLOPs of the matrix products and attention executed by the whole sampling run (``torch.utils.flop_counter``),
    divided by the uncached run's — so probe blocks, gates and CFG skipping count as what they are. (For fxcache
@@ -24,10 +34,10 @@ Stages, top to bottom:
    whose computed fraction is at most ``1.05 / s`` (the budget fxcache's search gets). Peers are thus chosen
    *on the held-out prompts* (an oracle choice in their favour); fxcache's plan is chosen on the calibration prompts.
 5. **write** — ``quality_<model>.json`` (every configuration, every prompt), ``quality_<model>.md`` (the table) and
-   ``quality_<model>.png`` (PSNR vs. speedup), under ``--out``.
+   ``quality_<model>.png`` (PSNR vs. speedup), under ``--out``, each written atomically.
 
-PSNR uses the data range of the images ([-1, 1] → 2); SSIM is scikit-image's (7×7 window, 8×8 images); relative L2 is
-‖x − x_ref‖ / ‖x_ref‖ of the final sample.
+PSNR uses the data range of the images ([-1, 1] → 2); SSIM is scikit-image's (7×7 window, 8×8 images); relative L2
+is ‖x − x_ref‖ / ‖x_ref‖ of the final sample.
 """
 
 from __future__ import annotations
@@ -183,7 +193,7 @@ def cache_dit_configs(model, steps: int, quick: bool) -> list[Config]:
     from cache_dit import DBCacheConfig, FoCaCalibratorConfig, TaylorSeerCalibratorConfig
 
     out = []
-    fulls = (2, 4, 7, 10) if quick else range(1, (steps * 3) // 5 + 1)  # up to 60 % full steps
+    fulls = [k for k in (2, 4, 7, 10) if k <= steps] if quick else range(1, (steps * 3) // 5 + 1)  # to 60 % full
     calibrators = {"": None, "+TaylorSeer": lambda: TaylorSeerCalibratorConfig(taylorseer_order=1),
                    "+FoCa": FoCaCalibratorConfig}
     for suffix, calibrator in calibrators.items():
@@ -333,22 +343,41 @@ def plot(rows, table, path: str, title: str) -> None:
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path + ".tmp", dpi=110, format="png")  # atomically, as _write
     plt.close(fig)
+    os.replace(path + ".tmp", path)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default in its help."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("flux", "dit"), default="flux")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--prompts", type=int, default=10, help="held-out prompts (labels 0-9, seeds 1000+)")
-    parser.add_argument("--speedups", type=float, nargs="+", default=[2.0, 3.0, 4.0])
-    parser.add_argument("--peers", nargs="*", default=["diffusers", "cache-dit"])
-    parser.add_argument("--quick", action="store_true", help="smoke run: fewer configurations")
-    parser.add_argument("--methods", nargs="*", help="only these fxcache methods (class names; default: all)")
-    parser.add_argument("--calib", type=int, default=3, help="calibration prompts (seeds 100+, never held out)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("--model", choices=("flux", "dit"), default="flux", help="bundled digits model")
+    parser.add_argument("--steps", type=_positive_int, default=20, help="sampling steps")
+    parser.add_argument("--prompts", type=_positive_int, default=10,
+                        help="held-out prompts (labels 0-9, seeds 1000+)")
+    parser.add_argument("--speedups", type=float, nargs="+", default=[2.0, 3.0, 4.0],
+                        help="speedup targets in computed work")
+    parser.add_argument("--peers", nargs="*", default=["diffusers", "cache-dit"], choices=("diffusers", "cache-dit"),
+                        help="peer libraries to compare (none: give the option with no value)")
+    parser.add_argument("--quick", action="store_true", help="shorter sweeps (see above); nothing else changes")
+    parser.add_argument("--methods", nargs="*", help="only these fxcache methods (class names); unset: all")
+    parser.add_argument("--calib", type=_positive_int, default=3,
+                        help="calibration prompts (seeds 100+, never held out)")
+    parser.add_argument("--out", default=os.path.join("out", "quality"),
+                        help="output directory, created (relative to the current directory); "
+                             "--out benchmarks/results replaces the tracked results")
     args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)  # before the run: a bad --out fails now, not after it
     torch.set_grad_enabled(False)
     start = time.time()
     if args.model == "flux":
@@ -376,7 +405,6 @@ def main(argv: list[str] | None = None) -> int:
         _check_restored(model, sampler, prompts[0], refs[0], config)
     table = select(rows, args.speedups)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
-    os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"quality_{args.model}")
     result = {"command": "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "machine": machine, "model": args.model, "steps": args.steps, "prompts": prompts,

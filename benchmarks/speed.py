@@ -2,7 +2,11 @@
 
     python benchmarks/speed.py --model flux-dev --device cuda --dtype bf16     # FLUX.1-dev size, 1024², 28 steps
     python benchmarks/speed.py --model dit-xl --device cuda --dtype bf16       # DiT-XL/2, 256², batch 2 (CFG)
-    python benchmarks/speed.py --model tiny-flux --steps 8 --repeats 2         # CPU smoke run (seconds)
+    python benchmarks/speed.py --model tiny-flux --steps 8 --repeats 2         # tiny size (minutes on CPU)
+    python benchmarks/speed.py --model tiny-flux --device cpu --steps 4 --full 2 --repeats 1 --warmup 0   # smoke
+
+Results go to ``--out`` (default ``out/speed``, under the current directory; created). The tracked results in
+``benchmarks/results/`` are only ever written on request: ``--out benchmarks/results``.
 
 Models have random weights (speed does not depend on them). The loop is rectified-flow Euler; DiT runs batched CFG
 (one call on a doubled batch per step) as ``DiTPipeline`` does; FLUX runs one call per step (guidance-distilled).
@@ -13,14 +17,16 @@ Rows, all in one process, in this order:
 * **fxcache** ``Scheduled(full=k, action=a)`` for each ``--full`` k and action (reuse, taylor1): the stack residual
   is computed at k uniformly spaced steps and reused / forecast at the others; eager step graphs, compiled step
   graphs (``fullgraph=True``), and on CUDA compiled + CUDA graphs;
-* **diffusers** ``TaylorSeerCacheConfig(cache_interval≈steps/k)`` eager and with ``compile_repeated_blocks``;
+* **diffusers** ``TaylorSeerCacheConfig(cache_interval≈steps/k)`` eager and with ``compile_repeated_blocks``
+  (``--backend``);
 * **cache-dit** ``DBCache`` F1B0 with a static ``steps_computation_mask`` of k full steps, eager and with the
   transformer compiled.
 
 Columns: median wall time of ``--repeats`` runs after warm-up; **ideal** = the sum, over the run's calls, of the
 standalone time of the graph each call used (so wall / ideal ≤ 1.05 means the runtime adds ≤ 5 %); speedup against
 uncached torch.compile; peak accelerator memory; bytes held by fxcache's cache at the end of a run. Results go to
-``benchmarks/results/speed_<model>_<device>.json`` (+ ``.md``) with the machine named.
+``<out>/speed_<model>_<device>.json`` (+ ``.md``), written atomically, with the machine named. A ``--full`` value
+greater than ``--steps`` is dropped with a warning (the default ``6 10`` thus runs as ``6`` at 8 steps).
 """
 
 from __future__ import annotations
@@ -193,7 +199,7 @@ def run(args) -> dict:
     device, dtype = args.device, DTYPES[args.dtype]
     model, kwargs, shape, batched = build(args.model, device, dtype)
     loop = make_loop(kwargs, shape, batched, args.steps, device, dtype)
-    backend = args.backend or ("inductor" if device == "cuda" else "aot_eager")
+    backend = args.backend if args.backend != "auto" else ("inductor" if device == "cuda" else "aot_eager")
     rows: list[dict] = []
 
     def record(name: str, fn: Callable, ideal: float | None = None, **extra) -> dict:
@@ -241,7 +247,7 @@ def run(args) -> dict:
                        variants=len(opt.variants))
                 del opt
     if "diffusers" in args.peers:
-        rows.extend(diffusers_rows(model, loop, args, record))
+        rows.extend(diffusers_rows(model, loop, args, record, backend))
     if "cache-dit" in args.peers:
         rows.extend(cache_dit_rows(model, loop, args, record, backend))
     for row in rows:
@@ -249,7 +255,7 @@ def run(args) -> dict:
     return {"rows": rows, "backend": backend}
 
 
-def diffusers_rows(model, loop, args, record) -> list[dict]:
+def diffusers_rows(model, loop, args, record, backend) -> list[dict]:
     from diffusers import TaylorSeerCacheConfig
 
     out = []
@@ -270,10 +276,11 @@ def diffusers_rows(model, loop, args, record) -> list[dict]:
             record(name + "eager", lambda: ctx_loop(model))
             if hasattr(model, "compile_repeated_blocks"):
                 try:
-                    model.compile_repeated_blocks()
-                    record(name + "+ compile_repeated_blocks", lambda: ctx_loop(model))
+                    model.compile_repeated_blocks(backend=backend)  # the backend of every other compiled row
+                    record(name + f"+ compile_repeated_blocks ({backend})", lambda: ctx_loop(model))
                 except Exception as e:  # noqa: BLE001
-                    out.append({"row": name + "+ compile_repeated_blocks", "error": f"{type(e).__name__}: {e}"})
+                    out.append({"row": name + f"+ compile_repeated_blocks ({backend})",
+                                "error": f"{type(e).__name__}: {e}"})
         finally:
             model.disable_cache()
             _uncompile(model)
@@ -335,19 +342,56 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default in its help."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny-flux", choices=("flux-dev", "dit-xl", "tiny-flux", "tiny-dit"))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=DTYPES)
-    parser.add_argument("--steps", type=int, default=28)
-    parser.add_argument("--full", type=int, nargs="+", default=[6, 10], help="numbers of fully computed steps")
-    parser.add_argument("--backend", help="torch.compile backend (default: inductor on CUDA, aot_eager on CPU)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--peers", nargs="*", default=["diffusers", "cache-dit"])
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("--model", default="tiny-flux", choices=("flux-dev", "dit-xl", "tiny-flux", "tiny-dit"),
+                        help="model architecture and size (random weights)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (the default is cuda when available)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                        help="model dtype; auto: bf16 on cuda, fp32 otherwise")
+    parser.add_argument("--steps", type=_positive_int, default=28, help="sampling steps per run")
+    parser.add_argument("--full", type=_positive_int, nargs="+", default=[6, 10],
+                        help="numbers of fully computed steps, one set of rows each; values above --steps are "
+                             "dropped with a warning")
+    parser.add_argument("--backend", default="auto",
+                        help="torch.compile backend; auto: inductor on cuda, aot_eager otherwise")
+    parser.add_argument("--repeats", type=_positive_int, default=5, help="timed runs per row (the median is kept)")
+    parser.add_argument("--warmup", type=_non_negative_int, default=1, help="untimed runs per row before timing")
+    parser.add_argument("--peers", nargs="*", default=["diffusers", "cache-dit"], choices=("diffusers", "cache-dit"),
+                        help="peer libraries to time (none: give the option with no value)")
+    parser.add_argument("--out", default=os.path.join("out", "speed"),
+                        help="output directory, created (relative to the current directory); "
+                             "--out benchmarks/results replaces the tracked results")
     args = parser.parse_args(argv)
+    if args.dtype == "auto":
+        args.dtype = "bf16" if args.device == "cuda" else "fp32"
+    dropped = [k for k in args.full if k > args.steps]
+    args.full = list(dict.fromkeys(k for k in args.full if k <= args.steps))
+    if not args.full:
+        parser.error(f"every --full value ({' '.join(map(str, dropped))}) exceeds --steps {args.steps}")
+    if dropped:
+        log.warning("--full %s dropped: more than --steps %d; running --full %s", " ".join(map(str, dropped)),
+                    args.steps, " ".join(map(str, args.full)))
+    os.makedirs(args.out, exist_ok=True)  # before the run: a bad --out fails now, not after it
     machine = (torch.cuda.get_device_name() if args.device == "cuda"
                else f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores")
     start = time.time()
@@ -355,14 +399,19 @@ def main(argv: list[str] | None = None) -> int:
               "machine": machine, "torch": torch.__version__, "model": args.model, "steps": args.steps,
               "dtype": args.dtype, "device": args.device, **run(args)}
     result["seconds"] = time.time() - start
-    os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"speed_{args.model}_{args.device}")
     for path, text in ((stem + ".json", json.dumps(result, indent=1)), (stem + ".md", markdown(result))):
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+        _write(path, text)
     log.info("\n%s\nwrote %s.{json,md} in %.0f s", markdown(result), stem, result["seconds"])
     return 0
+
+
+def _write(path: str, text: str) -> None:
+    """Atomically: a reader (or an interrupted run) never sees half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

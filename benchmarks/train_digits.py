@@ -5,9 +5,14 @@
 * ``--model dit``: a small class-conditional ``DiTTransformer2DModel`` (adaLN-zero, patch 2), DDPM ε-prediction with
   diffusers' default linear noise schedule — a second architecture *and* a second sampler family (DDIM).
 
-    python benchmarks/train_digits.py                  # ~9 min on 2 CPU cores; writes fxcache/assets/
+    python benchmarks/train_digits.py                  # ~9 min on 2 CPU cores; writes out/train_digits/
     python benchmarks/train_digits.py --model dit      # ~12 min
-    python benchmarks/train_digits.py --steps 200 --out /tmp/digits   # quick smoke run
+    python benchmarks/train_digits.py --steps 200 --out /tmp/digits   # a short run: weights that sample roughly
+    python benchmarks/train_digits.py --steps 3 --batch 8 --log-every 1   # smoke
+
+Weights go to ``--out`` (default ``out/train_digits``, under the current directory; created), each file written
+atomically. The bundled weights in ``fxcache/assets/`` are only ever replaced on request:
+``--out fxcache/assets`` (the tests' golden values depend on them).
 
 The DiT model uses its own null class (label 10, dropped 10 % of the time by DiT's label embedding in training mode)
 for classifier-free guidance.
@@ -16,7 +21,7 @@ for classifier-free guidance.
 vector ``pooled_table[c]`` (stored with the weights); row 10 is the empty prompt (zeros), used 10 % of the time in
 training so classifier-free guidance works. Images are packed FLUX-style: 2×2 patches of the 1-channel 8×8 image →
 16 tokens of 4 channels. x_t = (1 − t)·image + t·noise, target v = noise − image, t logit-normal as in SD3/FLUX.
-The weights (~1 MB, safetensors, EMA) are committed, so tests and the demo never train.
+The bundled weights (~1 MB, safetensors, EMA) are committed, so tests and the demo never train.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 
 import torch
@@ -42,15 +48,29 @@ def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.tensor(data.target, dtype=torch.long)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("flux", "dit"), default="flux")
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "fxcache", "assets"))
-    a = parser.parse_args()
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default in its help."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("--model", choices=("flux", "dit"), default="flux", help="architecture to train")
+    parser.add_argument("--steps", type=_positive_int, default=3000, help="optimizer steps")
+    parser.add_argument("--batch", type=_positive_int, default=256, help="images per step")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (one-cycle schedule)")
+    parser.add_argument("--seed", type=int, default=0, help="torch seed (data order, noise, initial weights)")
+    parser.add_argument("--log-every", type=_positive_int, default=250, help="log the loss every this many steps")
+    parser.add_argument("--out", default=os.path.join("out", "train_digits"),
+                        help="output directory, created (relative to the current directory); "
+                             "--out fxcache/assets replaces the bundled weights")
+    a = parser.parse_args(argv)
 
     from diffusers import DiTTransformer2DModel, FluxTransformer2DModel
     from safetensors.torch import save_file
@@ -98,7 +118,7 @@ def main() -> None:
                     ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
                 else:
                     ema[k].copy_(v)
-        if step % 250 == 0 or step == a.steps - 1:
+        if step % a.log_every == 0 or step == a.steps - 1:
             log.info("step %5d  loss %.4f  (%.0f s)", step, loss.item(), time.time() - start)
     os.makedirs(a.out, exist_ok=True)
     tensors = {f"model.{k}": v.contiguous() for k, v in ema.items()}
@@ -112,14 +132,20 @@ def main() -> None:
                 "objective": "DDPM epsilon prediction, 1000 timesteps, linear betas 1e-4..0.02",
                 "empty_prompt": 10}
     name = f"digits_{a.model}"
-    save_file(tensors, os.path.join(a.out, f"{name}.safetensors"),
+    command = "python benchmarks/train_digits.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    weights, card = os.path.join(a.out, f"{name}.safetensors"), os.path.join(a.out, f"{name}.json")
+    # each file atomically (temp file + rename): an interrupted run never leaves a torn file behind
+    save_file(tensors, weights + ".tmp",
               metadata={"format": "pt", "trained_steps": str(a.steps), "seed": str(a.seed)})
-    with open(os.path.join(a.out, f"{name}.json"), "w") as f:
-        json.dump({**info, "steps": a.steps, "batch": a.batch, "lr": a.lr, "seed": a.seed,
-                   "command": f"python benchmarks/train_digits.py --model {a.model}"}, f, indent=1)
-    log.info("wrote %s", os.path.abspath(a.out))
+    os.replace(weights + ".tmp", weights)
+    with open(card + ".tmp", "w") as f:
+        json.dump({**info, "steps": a.steps, "batch": a.batch, "lr": a.lr, "seed": a.seed, "command": command.strip()},
+                  f, indent=1)
+    os.replace(card + ".tmp", card)
+    log.info("wrote %s and %s", os.path.abspath(weights), os.path.basename(card))
+    return 0
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    main()
+    raise SystemExit(main())
