@@ -108,9 +108,9 @@ class Lengths(nn.Module):
         return y * len(set(lengths))
 
 
-def DataDependent(dim: int = 8) -> nn.Module:  # noqa: N802 - reads like the model class it builds
+def DataDependent(dim: int = 8) -> nn.Module:
     return ScaledByStep(Gate(dim))
 
 
-def Untraceable(dim: int = 8) -> nn.Module:  # noqa: N802
+def Untraceable(dim: int = 8) -> nn.Module:
     return ScaledByStep(Lengths(dim))

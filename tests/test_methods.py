@@ -337,15 +337,24 @@ def test_bad_plans_are_rejected_before_any_step(taylor_dit):
 
 def test_runs_unlike_the_plan_are_refused(taylor_dit):
     _, _, opt = taylor_dit
-    with pytest.raises(fxcache.InputError, match="input shapes .* differ"):
+    with pytest.raises(fxcache.InputError, match=r"differs from the calibration calls .*hidden_states: shape "
+                                                 r"\[1, 4, 8, 8\] float32 cpu -> shape \[2, 4, 8, 8\]"):
         seeded_run(opt, zoo_sampler("dit", steps=STEPS, batch=2), 3)
     opt.reset()
-    with pytest.raises(fxcache.InputError, match="more steps than the plan"):
+    # another number of steps is another timestep schedule: refused at the first step that differs
+    with pytest.raises(fxcache.InputError, match="step 1: the step input is .* calibrated with"):
         seeded_run(opt, sampler("euler", steps=STEPS + 4, cfg="separate"), 3)
+    with pytest.raises(fxcache.InputError, match="step 1: the step input is .* calibrated with"):
+        seeded_run(opt, sampler("euler", steps=STEPS - 3, cfg="separate"), 3)
     opt.reset()
-    # fewer steps than planned: a prefix of the plan, still correct (caches only from this run)
-    short = sampler("euler", steps=STEPS - 3, cfg="separate")
-    assert torch.isfinite(seeded_run(opt, short, 3)).all()
+    full = sampler("euler", steps=STEPS, cfg="separate")
+
+    def longer(den, prompt):  # the plan's schedule, then one call more
+        x = full(den, prompt)
+        return den(hidden_states=x, timestep=torch.zeros(1), class_labels=torch.tensor([prompt])).sample
+
+    with pytest.raises(fxcache.InputError, match="more steps than the plan"):
+        seeded_run(opt, longer, 3)
 
 
 def test_plan_json_roundtrip(taylor_dit, tmp_path):
@@ -1054,10 +1063,12 @@ def test_scheduled_computes_exactly_its_full_steps_and_refuses_bad_schedules():
     assert opt.cache_bytes() > 0  # the stack residual and its first difference, per CFG branch
     opt.reset()
     assert opt.cache_bytes() == 0
-    for bad, match in ((M.Scheduled(full=0), "1 <= full"), (M.Scheduled(full=(2, 5)), "including 0"),
-                       (M.Scheduled(action="taylor3"), "action must be"),
-                       (M.Scheduled(granularity="token"), "granularity must be")):
-        with pytest.raises(fxcache.InputError, match=match):
+    for kwargs, match in (({"full": 0}, "full must be >= 1"), ({"action": "taylor3"}, "action must be"),
+                          ({"granularity": "token"}, "granularity must be")):
+        with pytest.raises(fxcache.InputError, match=match):  # refused when the method is made
+            M.Scheduled(**kwargs)
+    for bad, match in ((M.Scheduled(full=(2, 5)), "including 0"), (M.Scheduled(full=STEPS + 1), "1 <= full")):
+        with pytest.raises(fxcache.InputError, match=match):  # needs the number of steps
             fxcache.optimize(model, [3], sampler=smp, method=bad, progress=False)
 
 
