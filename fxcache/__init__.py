@@ -1,10 +1,10 @@
 """fxcache: diffusion caching as graph transformation over torch.fx."""
 
 from fxcache import ir, methods
-from fxcache.analysis.points import CachePoint
 from fxcache.analysis.profile import Profile, ProfileError, profile
 from fxcache.analysis.structure import Block, Stack, Structure
 from fxcache.errors import FxCacheError, FxCacheWarning, IncompleteRunWarning, InputError, IRError, TraceError
+from fxcache.ir.points import CachePoint
 from fxcache.optimize import load, optimize, save
 from fxcache.plan import Plan, PlanError
 from fxcache.runtime import OptimizedDenoiser

@@ -22,8 +22,8 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
-from fxcache.analysis.points import CachePoint
 from fxcache.errors import InputError, PlanError
+from fxcache.ir.points import CachePoint
 
 __all__ = ["ACTIONS", "GATE_KINDS", "LINEAR_PREFIX", "ORDER", "Plan", "PlanError", "check_plan_json", "is_forecast",
            "order_of"]
@@ -94,9 +94,7 @@ class Plan:
 
     def all_points(self, points: Sequence[CachePoint]) -> list[CachePoint]:
         """``points`` plus this plan's extra points."""
-        extra = [CachePoint(**{**d, "nodes": tuple(d["nodes"]), "bases": tuple(d["bases"]),
-                               "shapes": tuple(tuple(x) for x in d["shapes"]), "dtypes": tuple(d["dtypes"])})
-                 for d in self.extra_points]
+        extra = [CachePoint.from_json(d) for d in self.extra_points]
         return list(points) + extra
 
     # -- queries ------------------------------------------------------------------------------------------------

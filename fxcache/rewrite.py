@@ -14,8 +14,9 @@ from collections.abc import Mapping
 import torch.fx
 
 from fxcache.analysis.flops import matmul_flops
-from fxcache.analysis.points import CachePoint
 from fxcache.ir import copy_graph_module
+from fxcache.ir.names import VARIANT_META
+from fxcache.ir.points import CachePoint
 from fxcache.passes import (
     ComputeTokenSubset,
     EliminateDeadCode,
@@ -77,7 +78,7 @@ def specialize(graph_module: torch.fx.GraphModule, points: Mapping[str, CachePoi
         passes.append(ResumeFromCut(variant.cut))
     passes.append(EliminateDeadCode())
     gm = run_passes(gm, passes)
-    gm.meta["fxcache_variant"] = variant
+    gm.meta[VARIANT_META] = variant
     return gm
 
 

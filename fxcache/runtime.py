@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from fxcache import _compat
-from fxcache.analysis.points import CachePoint
 from fxcache.errors import IncompleteRunWarning, InputError
+from fxcache.ir.points import CachePoint
 from fxcache.passes import prefix_cut
 from fxcache.plan import LINEAR_PREFIX, ORDER, Plan, PlanError, is_forecast, order_of
 from fxcache.predictors import HERMITE_SIGMA, _hermite_scaled

@@ -35,10 +35,10 @@ import numpy as np
 import torch
 
 from fxcache import _compat
-from fxcache.analysis.points import CachePoint
 from fxcache.analysis.probes import ProbeSession
 from fxcache.errors import ProfileError
 from fxcache.ir.meta import key_of
+from fxcache.ir.points import CachePoint
 from fxcache.loops import final_tensor
 from fxcache.predictors import PREDICTORS, history_needed, predict
 from fxcache.trace import TracedDenoiser, _Signature, describe_key_change

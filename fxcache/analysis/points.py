@@ -33,6 +33,7 @@ from fxcache.analysis.flops import node_flops
 from fxcache.analysis.structure import Block, Structure
 from fxcache.errors import InputError
 from fxcache.ir.meta import info, key_of, module_paths_of, op_name
+from fxcache.ir.points import CachePoint
 
 log = logging.getLogger(__name__)
 
@@ -52,41 +53,6 @@ _PASS_THROUGH = (
 )
 _ADD = "aten.add.Tensor"
 _MUL = "aten.mul.Tensor"
-
-
-@dataclasses.dataclass(frozen=True)
-class CachePoint:
-    """One cache point (see the module docstring).
-
-    ``nodes`` are the keys of the tensors the point replaces; ``bases[i]`` is the key of the stream input that
-    ``nodes[i]`` is a residual over (``None``: the point caches the value itself). ``flops`` is the work saved
-    when the point is read from the cache; ``shapes``/``dtypes`` describe its tensors.
-    """
-
-    key: str
-    kind: str
-    nodes: tuple[str, ...]
-    bases: tuple[str | None, ...]
-    stack: str | None
-    block: str | None
-    flops: int
-    gated: bool
-    shapes: tuple[tuple[int, ...], ...]
-    dtypes: tuple[str, ...]
-
-    @property
-    def residual(self) -> bool:
-        return any(b is not None for b in self.bases)
-
-    @property
-    def numel(self) -> int:
-        total = 0
-        for s in self.shapes:
-            n = 1
-            for d in s:
-                n *= d
-            total += n
-        return total
 
 
 # ---------------------------------------------------------------------------------------------------------------

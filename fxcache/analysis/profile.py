@@ -231,8 +231,8 @@ class Profile:
             "model": self.model_name, "num_steps": self.num_steps, "timesteps": self.timesteps,
             "num_branches": self.num_branches, "cfg": self.cfg, "num_prompts": self.num_prompts,
             "total_flops": self.total_flops, "options": self.options, "basic_metrics": list(BASIC_METRICS),
-            "cache_points": [dataclasses.asdict(p) for p in self.cache_points],
-            "signal_points": [dataclasses.asdict(p) for p in self.signal_points],
+            "cache_points": [p.to_json() for p in self.cache_points],
+            "signal_points": [p.to_json() for p in self.signal_points],
             "measured": self.measured, "check": self.check, "calls": self.calls,
             "peak_history_bytes": self.peak_history_bytes, "weights": self.weights,
         }
@@ -303,8 +303,8 @@ class Profile:
             raise ProfileError(f"{directory}: {_JSON_NAME} and {_ARRAYS_NAME} come from different saves (an "
                                "interrupted or concurrent save?); profile the model again")
         try:
-            points = [_point_from_json(p) for p in meta["cache_points"]]
-            signals = [_point_from_json(p) for p in meta["signal_points"]]
+            points = [CachePoint.from_json(p) for p in meta["cache_points"]]
+            signals = [CachePoint.from_json(p) for p in meta["signal_points"]]
             opts = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["options"].items()}
             prof = cls(fingerprint=meta["fingerprint"], model_name=meta["model"], cache_points=points,
                        signal_points=signals, num_steps=meta["num_steps"], timesteps=meta["timesteps"],
@@ -667,10 +667,3 @@ def _jsonable(x):
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x
-
-
-def _point_from_json(d: dict[str, Any]) -> CachePoint:
-    return CachePoint(key=d["key"], kind=d["kind"], nodes=tuple(d["nodes"]), bases=tuple(d["bases"]),
-                      stack=d["stack"], block=d["block"], flops=int(d["flops"]), gated=bool(d["gated"]),
-                      shapes=tuple(tuple(s) for s in d["shapes"]), dtypes=tuple(d["dtypes"]))
-

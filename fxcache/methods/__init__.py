@@ -13,8 +13,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from fxcache.analysis.points import CachePoint
 from fxcache.errors import InputError
+from fxcache.ir.points import CachePoint
 from fxcache.plan import ORDER, Plan
 
 __all__ = [

@@ -15,9 +15,10 @@ from collections.abc import Sequence
 import torch
 import torch.fx
 
-from fxcache.analysis.points import CachePoint
 from fxcache.errors import IRError
 from fxcache.ir.meta import NodeInfo, info, key_of, op_name, set_info
+from fxcache.ir.names import IO_META, cache_input, token_index_input, write_output
+from fxcache.ir.points import CachePoint
 from fxcache.passes.base import FxPass, PassResult
 from fxcache.passes.flatten_io import add_graph_input
 
@@ -83,13 +84,13 @@ class ComputeTokenSubset(FxPass):
         if not self.points:
             return PassResult(graph_module, False)
         graph = graph_module.graph
-        io = graph_module.meta["fxcache_io"]
+        io = graph_module.meta[IO_META]
         by_key = {key_of(n): n for n in graph.nodes}
 
         def new_input(key, val):
             return add_graph_input(graph_module, key, val, role="cache")
 
-        indices = {n: new_input(f"tokens:index:{n}", torch.empty(k, dtype=torch.long, device="meta"))
+        indices = {n: new_input(token_index_input(n), torch.empty(k, dtype=torch.long, device="meta"))
                    for n, k in sorted(self.k.items())}
         output = next(n for n in graph.nodes if n.op == "output")
         outputs = list(output.args[0])
@@ -121,7 +122,7 @@ class ComputeTokenSubset(FxPass):
                 v = n.meta.get("val")
                 if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == n_tokens:
                     n.meta["val"] = _with_tokens(v, k)
-            cached = new_input(f"cache:{p.key}[0].d0", torch.empty(p.shapes[0], dtype=value.meta["val"].dtype,
+            cached = new_input(cache_input(p.key, 0, 0), torch.empty(p.shapes[0], dtype=value.meta["val"].dtype,
                                                                     device="meta"))
             with graph.inserting_after(value):
                 merged = graph.call_function(_aten.index_copy.default, (cached, 1, index, value))
@@ -129,7 +130,7 @@ class ComputeTokenSubset(FxPass):
             set_info(merged, NodeInfo(key=f"tokens:{p.key}/merge", module_path=info(value).module_path))
             value.replace_all_uses_with(merged, delete_user_cb=lambda u, merged=merged: u is not merged)
             outputs.append(merged)
-            io["outputs"].append(f"write:{p.key}[0]")
+            io["outputs"].append(write_output(p.key, 0))
         output.args = (tuple(outputs),)
         return PassResult(graph_module, True)
 

@@ -11,6 +11,7 @@ import torch.fx
 
 from fxcache import _compat
 from fxcache.ir.meta import NodeInfo, key_of, set_info
+from fxcache.ir.names import IO_META
 from fxcache.passes.base import FxPass, PassResult
 
 __all__ = ["FlattenIO", "add_graph_input"]
@@ -31,7 +32,7 @@ class FlattenIO(FxPass):
                                     else None)
         output.args = (tuple(flat),)
         _compat.use_flat_codegen(graph)
-        graph_module.meta["fxcache_io"] = {
+        graph_module.meta[IO_META] = {
             "inputs": [key_of(n) for n in graph.nodes if n.op == "placeholder"],
             "outputs": [f"out:{i}" for i in range(len(flat))],
             "num_model_outputs": len(flat),
@@ -44,7 +45,7 @@ def add_graph_input(graph_module: torch.fx.GraphModule, key: str, val, role: str
     """Append an input with node key ``key`` after the last one (recorded in ``meta["fxcache_io"]["inputs"]``, so
     the runtime feeds inputs by key); ``val`` is its example value for ``meta["val"]``."""
     graph = graph_module.graph
-    io = graph_module.meta["fxcache_io"]
+    io = graph_module.meta[IO_META]
     last = [n for n in graph.nodes if n.op == "placeholder"][-1]
     with graph.inserting_after(last):
         node = graph.placeholder(f"in_{len(io['inputs'])}")

@@ -16,10 +16,10 @@ from collections.abc import Sequence
 
 import torch.fx
 
-from fxcache.analysis.points import CachePoint
 from fxcache.analysis.probes import fxcache_probe
 from fxcache.errors import IRError
 from fxcache.ir.meta import NodeInfo, key_of, set_info
+from fxcache.ir.points import CachePoint
 from fxcache.passes.base import FxPass, PassResult
 
 __all__ = ["InsertProbes"]

@@ -16,8 +16,9 @@ from collections.abc import Sequence
 import torch
 import torch.fx
 
-from fxcache.analysis.points import CachePoint
 from fxcache.ir.meta import NodeInfo, key_of, module_path_of, set_info
+from fxcache.ir.names import cache_input, coef_input
+from fxcache.ir.points import CachePoint
 from fxcache.passes.base import FxPass, PassResult
 from fxcache.passes.flatten_io import add_graph_input
 
@@ -46,12 +47,12 @@ class ReadFromCache(FxPass):
         position = {n: i for i, n in enumerate(graph.nodes)}
         reads = sorted(self.reads, key=lambda r: min(position[by_key[k]] for k in r[0].nodes))  # graph order
         for point, order in reads:
-            coefs = [new_input(f"coef:{point.key}.c{j}", torch.empty((), dtype=torch.float32, device="meta"))
+            coefs = [new_input(coef_input(point.key, j), torch.empty((), dtype=torch.float32, device="meta"))
                      for j in range(1, order + 1)]
             for i, (node_key, base_key) in enumerate(zip(point.nodes, point.bases)):
                 node = by_key[node_key]
                 val = node.meta.get("val")
-                factors = [new_input(f"cache:{point.key}[{i}].d{j}", val) for j in range(order + 1)]
+                factors = [new_input(cache_input(point.key, i, j), val) for j in range(order + 1)]
                 made: list[torch.fx.Node] = []
 
                 def emit(op, args, name, node=node, made=made, val=val, i=i, point=point):

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 import torch.fx
 
 from fxcache.ir.meta import key_of
+from fxcache.ir.names import IO_META, cut_input, cut_output
 from fxcache.passes.base import FxPass, PassResult
 from fxcache.passes.flatten_io import add_graph_input
 
@@ -45,14 +46,14 @@ class KeepOnlyCut(FxPass):
         self.cut = list(cut)
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
-        io = graph_module.meta["fxcache_io"]
+        io = graph_module.meta[IO_META]
         by_key = {key_of(n): n for n in graph_module.graph.nodes}
         output = next(n for n in graph_module.graph.nodes if n.op == "output")
         values = list(output.args[0])
         n_model = io["num_model_outputs"]
         writes = values[n_model:]
         output.args = (tuple([by_key[k] for k in self.cut] + writes),)
-        io["outputs"] = [f"cut:{k}" for k in self.cut] + io["outputs"][n_model:]
+        io["outputs"] = [cut_output(k) for k in self.cut] + io["outputs"][n_model:]
         io["num_model_outputs"] = 0
         io["num_cut_outputs"] = len(self.cut)
         return PassResult(graph_module, True)
@@ -71,5 +72,5 @@ class ResumeFromCut(FxPass):
         by_key = {key_of(n): n for n in graph_module.graph.nodes}
         for key in self.cut:
             node = by_key[key]
-            node.replace_all_uses_with(add_graph_input(graph_module, f"cut:{key}", node.meta.get("val"), role="cut"))
+            node.replace_all_uses_with(add_graph_input(graph_module, cut_input(key), node.meta.get("val"), role="cut"))
         return PassResult(graph_module, True)

@@ -11,8 +11,9 @@ from collections.abc import Sequence
 import torch
 import torch.fx
 
-from fxcache.analysis.points import CachePoint
 from fxcache.ir.meta import NodeInfo, key_of, set_info
+from fxcache.ir.names import IO_META, write_output
+from fxcache.ir.points import CachePoint
 from fxcache.passes.base import FxPass, PassResult
 
 __all__ = ["WriteToCache"]
@@ -29,7 +30,7 @@ class WriteToCache(FxPass):
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         graph = graph_module.graph
-        io = graph_module.meta["fxcache_io"]
+        io = graph_module.meta[IO_META]
         by_key = {key_of(n): n for n in graph.nodes}
         output = next(n for n in graph.nodes if n.op == "output")
         values = list(output.args[0])
@@ -44,6 +45,6 @@ class WriteToCache(FxPass):
                     value.meta["val"] = node.meta.get("val")
                     set_info(value, NodeInfo(key=f"write:{p.key}[{i}]/residual", module_path=""))
                 values.append(value)
-                io["outputs"].append(f"write:{p.key}[{i}]")
+                io["outputs"].append(write_output(p.key, i))
         output.args = (tuple(values),)
         return PassResult(graph_module, True)
