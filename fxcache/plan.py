@@ -19,16 +19,19 @@ import dataclasses
 import json
 import os
 import tempfile
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 from fxcache.errors import InputError, PlanError
 from fxcache.ir.points import CachePoint
 
-__all__ = ["ACTIONS", "GATE_KINDS", "LINEAR_PREFIX", "ORDER", "Plan", "PlanError", "check_plan_json", "is_forecast",
+__all__ = ["ACTIONS", "GATE_KINDS", "LINEAR_PREFIX", "ORDER", "SECTIONS", "CfgCacheSection", "GateSection",
+           "LayerAdaptiveSection", "Plan", "PlanError", "Section", "TokenSection", "check_plan_json", "is_forecast",
            "order_of"]
 
-FORMAT_VERSION = 1
+#: version 2: each section carries its own "version"; version-1 files (sections without one) are read too
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 #: forecast order of each action (0 = the stored value itself)
 ORDER = {"reuse": 0, "taylor1": 1, "ab2": 1, "taylor2": 2, "hermite": 2}
 #: ``"tokens"``: a token-wise layer computes only some tokens (``Plan.tokens`` says how many), the rest cached
@@ -62,6 +65,166 @@ def _valid(action: str) -> bool:
     return False
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# typed sections
+
+
+@dataclasses.dataclass
+class Section:
+    """Base of a plan's typed sections: a dataclass with a JSON form carrying its own ``version``. A section reads
+    like the JSON object it serializes to (``section["threshold"]``, ``section.get("coefficients")``)."""
+
+    NAME: ClassVar[str] = ""
+    VERSION: ClassVar[int] = 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "version": self.VERSION}
+
+    @classmethod
+    def from_json(cls, data: Any, num_steps: int, fail: Callable[[str], None]) -> Section:
+        """The section from its JSON form; ``fail(message)`` raises for the first problem."""
+        if not isinstance(data, dict):
+            fail(f"{cls.NAME} is a JSON {_json_type(data)}, not an object")
+        version = data.get("version", 1)  # plan format 1 wrote sections without a version
+        if version != cls.VERSION:
+            fail(f"{cls.NAME} section version {version!r} is not supported (this fxcache reads {cls.VERSION})")
+        body = {k: v for k, v in data.items() if k != "version"}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(body) - names)
+        if unknown:
+            fail(f"{cls.NAME}: unknown field(s) {', '.join(map(repr, unknown))}")
+        cls._check(body, range(num_steps), lambda msg: fail(f"{cls.NAME}.{msg}"))
+        return cls(**body)
+
+    @classmethod
+    def _check(cls, data: dict, steps: range, fail: Callable[[str], None]) -> None:
+        raise NotImplementedError
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in {f.name for f in dataclasses.fields(self)}:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key, default) if key in {f.name for f in dataclasses.fields(self)} else default
+
+
+def _step_list(data: dict, key: str, steps: range, fail) -> None:
+    value = data.get(key)
+    if not isinstance(value, list) or any(not isinstance(x, int) or isinstance(x, bool) or x not in steps
+                                          for x in value):
+        fail(f"{key} must list step indices in [0, {len(steps)})")
+
+
+#: dynamic gates the runtime knows (each implemented by a method module's policy)
+GATE_KINDS = ("fbcache", "dbcache", "teacache", "easycache")
+
+
+@dataclasses.dataclass
+class GateSection(Section):
+    """A dynamic gate: at ``steps`` the runtime runs the prefix of the step up to the ``signal`` point, then the
+    gate of ``kind`` decides — per sample — between the step as planned and the ``skip`` actions (reuse).
+    ``coefficients``: TeaCache's rescaling polynomial (highest power first)."""
+
+    NAME: ClassVar[str] = "gate"
+    kind: str
+    signal: str
+    skip: dict[str, str]
+    threshold: float
+    steps: list[int]
+    coefficients: list[float] | None = None
+
+    @classmethod
+    def _check(cls, data, steps, fail):
+        for k, types in (("kind", str), ("signal", str), ("skip", dict), ("threshold", (int, float)),
+                         ("steps", list)):
+            if k not in data or not isinstance(data[k], types) or isinstance(data[k], bool):
+                fail(f"{k} is missing or has the wrong type")
+        if data["kind"] not in GATE_KINDS:
+            fail(f"kind {data['kind']!r} is unknown; kinds are {', '.join(GATE_KINDS)}")
+        _step_list(data, "steps", steps, fail)
+        if data["kind"] == "teacache" and (not isinstance(data.get("coefficients"), list)
+                                           or not all(_is_number(c) for c in data["coefficients"])):
+            fail("coefficients (TeaCache's polynomial) must be a list of numbers")
+
+
+@dataclasses.dataclass
+class CfgCacheSection(Section):
+    """FasterCache-style CFG caching: at ``refresh`` steps the branch difference is stored (split by a centred 2-D
+    FFT into a disc of radius ``radius``·min(H, W) and the rest); at ``derive`` steps the unconditional output is
+    derived from the conditional one, reweighted by ``weights[str(step)] = [w_lf, w_hf]``."""
+
+    NAME: ClassVar[str] = "cfg_cache"
+    refresh: list[int]
+    derive: list[int]
+    radius: float
+    weights: dict[str, list[float]]
+
+    @classmethod
+    def _check(cls, data, steps, fail):
+        _step_list(data, "refresh", steps, fail)
+        _step_list(data, "derive", steps, fail)
+        if not _is_number(data.get("radius")) or not isinstance(data.get("weights"), (dict, list)):
+            fail("radius must be a number and weights an object (per derived step)")
+        weights = data["weights"]
+        for x in data["derive"]:
+            w = weights.get(str(x)) if isinstance(weights, dict) else (weights[x] if x < len(weights) else None)
+            if not (isinstance(w, list) and len(w) == 2 and all(_is_number(v) for v in w)):
+                fail(f"weights has no [w_lf, w_hf] pair for derived step {x}")
+
+    def weights_at(self, step: int) -> tuple[float, float]:
+        w = self.weights[str(step)] if isinstance(self.weights, dict) else self.weights[step]
+        return float(w[0]), float(w[1])
+
+
+@dataclasses.dataclass
+class LayerAdaptiveSection(Section):
+    """Foresight's layer-adaptive reuse: ``blocks`` (block-output point keys in order); ``warmup`` full steps,
+    every ``recalculate``-th step full, thresholds ``gamma`` × the last warm-up change."""
+
+    NAME: ClassVar[str] = "layer_adaptive"
+    blocks: list[str]
+    warmup: int
+    recalculate: int
+    gamma: float
+
+    @classmethod
+    def _check(cls, data, steps, fail):
+        if not isinstance(data.get("blocks"), list) or not data["blocks"] or not all(isinstance(b, str)
+                                                                                      for b in data["blocks"]):
+            fail("blocks must be a non-empty list of point keys")
+        for k in ("warmup", "recalculate"):
+            if not isinstance(data.get(k), int) or isinstance(data.get(k), bool) or data[k] < 1:
+                fail(f"{k} must be an integer >= 1")
+        if not _is_number(data.get("gamma")):
+            fail("gamma must be a number")
+
+
+@dataclasses.dataclass
+class TokenSection(Section):
+    """Token selection for ``"tokens"`` actions: the ``fresh`` fraction of tokens recomputed, chosen by ``score``
+    (``"random"`` or ``"staleness"``, ToCa's cache frequency) with ``seed``."""
+
+    NAME: ClassVar[str] = "tokens"
+    fresh: float
+    score: str = "random"
+    seed: int = 0
+
+    @classmethod
+    def _check(cls, data, steps, fail):
+        fresh = data.get("fresh")
+        if not _is_number(fresh) or not 0 < fresh <= 1:
+            fail("fresh must be a number in (0, 1]")
+        if data.get("score", "random") not in ("random", "staleness"):
+            fail("score must be 'random' or 'staleness'")
+        if not isinstance(data.get("seed", 0), int):
+            fail("seed must be an integer")
+
+
+SECTIONS: dict[str, type[Section]] = {c.NAME: c for c in (GateSection, CfgCacheSection, LayerAdaptiveSection,
+                                                          TokenSection)}
+
+
 @dataclasses.dataclass
 class Plan:
     """``steps[s]`` maps point keys to actions for step ``s`` (see the module docstring)."""
@@ -74,19 +237,14 @@ class Plan:
     #: the denoiser class the plan was made for (checked by :func:`fxcache.load`)
     model: str = ""
     timesteps: list[float | None] = dataclasses.field(default_factory=list)
-    #: a dynamic gate (``None``: the schedule is static). ``{"kind": "fbcache" | "teacache", "signal": point key,
-    #: "skip": {point: "reuse"}, "threshold": float, "steps": [steps it decides], "coefficients": [...]}`` — at the
-    #: listed steps the runtime runs the signal's prefix, then either the step as planned or the ``skip`` actions.
-    gate: dict[str, Any] | None = None
-    #: FasterCache-style CFG caching: ``{"refresh": [steps storing the branch difference], "derive": [steps whose
-    #: unconditional output is derived from the conditional one], "radius": low-frequency disc radius as a fraction
-    #: of min(H, W), "weights": {step: [w_lf, w_hf]} multiplicative reweighting at each derived step}``
-    cfg_cache: dict[str, Any] | None = None
-    #: layer-adaptive block reuse (Foresight): ``{"blocks": [output point keys in order], "warmup": int,
-    #: "recalculate": int, "gamma": float}``; the runtime picks the reused block per step from measured changes
-    layer_adaptive: dict[str, Any] | None = None
+    #: a dynamic gate (``None``: the schedule is static)
+    gate: GateSection | None = None
+    #: FasterCache-style CFG caching
+    cfg_cache: CfgCacheSection | None = None
+    #: layer-adaptive block reuse (Foresight); the runtime picks the reused block per step from measured changes
+    layer_adaptive: LayerAdaptiveSection | None = None
     #: token selection for ``"tokens"`` actions
-    tokens: dict[str, Any] | None = None
+    tokens: TokenSection | None = None
     #: points a method defined beyond the profile's (a block range, the whole model), as CachePoint fields
     extra_points: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     #: digest of the weights the plan was calibrated on (:func:`fxcache.identity.weights_digest`; "" = unknown)
@@ -103,23 +261,23 @@ class Plan:
 
     def read_points(self) -> set[str]:
         static = {k for s in range(self.num_steps) for k in self.actions(s)}
-        return static | set(self.gate["skip"]) if self.gate else static
+        return static | set(self.gate.skip) if self.gate else static
 
     def max_order(self, key: str) -> int:
         acts = [a for s in self.steps for k, a in s.items() if k == key and is_forecast(a)]
         acts += ["reuse" for s in self.steps for k, a in s.items() if k == key and a == "tokens"]
         if self.gate:
-            acts += [a for k, a in self.gate["skip"].items() if k == key]
+            acts += [a for k, a in self.gate.skip.items() if k == key]
         return max((order_of(a) for a in acts), default=0)
 
     def gated(self, step: int) -> bool:
-        return bool(self.gate) and step in self.gate["steps"]
+        return bool(self.gate) and step in self.gate.steps
 
     def writes_at(self, step: int) -> list[str]:
         """Points computed at ``step`` whose value a later step may read."""
         later = {k for s in range(step + 1, self.num_steps) for k in self.actions(s)}
-        if self.gate and any(s > step for s in self.gate["steps"]):
-            later |= set(self.gate["skip"])
+        if self.gate and any(s > step for s in self.gate.steps):
+            later |= set(self.gate.skip)
         acts = self.actions(step)
         if self._by_key is not None:  # a point inside one read at this step is not computed, so not written
             later = {k for k in later if not self._inside_read(k, acts, self._by_key)}
@@ -133,22 +291,22 @@ class Plan:
         by_key = {p.key: p for p in points}
         self._by_key = by_key
         if self.gate:
-            missing = [k for k in [self.gate["signal"], *self.gate["skip"]] if k not in by_key]
+            missing = [k for k in [self.gate.signal, *self.gate.skip] if k not in by_key]
             if missing:
-                raise PlanError(f"gate {self.gate['kind']!r} names unknown point {missing[0]!r}")
-            if 0 in self.gate["steps"]:
+                raise PlanError(f"gate {self.gate.kind!r} names unknown point {missing[0]!r}")
+            if 0 in self.gate.steps:
                 raise PlanError("a gate cannot decide step 0: nothing is cached yet")
-            bad = [a for a in self.gate["skip"].values() if a != "reuse"]
+            bad = [a for a in self.gate.skip.values() if a != "reuse"]
             if bad:
                 raise PlanError(f"gate skip actions must be 'reuse', got {bad[0]!r}")
         if len(self.steps) != self.num_steps:
             raise PlanError(f"plan lists {len(self.steps)} steps but num_steps is {self.num_steps}")
         if self.layer_adaptive:
-            missing = [k for k in self.layer_adaptive["blocks"] if k not in by_key]
+            missing = [k for k in self.layer_adaptive.blocks if k not in by_key]
             if missing:
                 raise PlanError(f"layer_adaptive names unknown point {missing[0]!r}")
         if self.cfg_cache:
-            refresh, derive = self.cfg_cache["refresh"], self.cfg_cache["derive"]
+            refresh, derive = self.cfg_cache.refresh, self.cfg_cache.derive
             if derive and (not refresh or min(derive) < min(refresh)):
                 raise PlanError("the CFG cache derives the unconditional output before any step stored the branch "
                                 "difference")
@@ -171,7 +329,7 @@ class Plan:
                         "history)")
             self._check_overlap(s, acts, by_key)
             if self.gated(s) and acts:
-                raise PlanError(f"step {s} is decided by the {self.gate['kind']} gate and cannot also list actions")
+                raise PlanError(f"step {s} is decided by the {self.gate.kind} gate and cannot also list actions")
             for key in by_key:
                 if acts.get(key, "compute") in ("compute", "tokens") and not self._inside_read(key, acts, by_key):
                     computed[key] += 1
@@ -202,14 +360,26 @@ class Plan:
 
     # -- persistence -------------------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        return {"format": "fxcache.plan", "version": FORMAT_VERSION, **dataclasses.asdict(self)}
+        out: dict[str, Any] = {"format": "fxcache.plan", "version": FORMAT_VERSION}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.to_json() if isinstance(value, Section) else json.loads(json.dumps(value))
+        return out
 
     @classmethod
     def from_json(cls, data: Any, source: str = "plan") -> Plan:
         """A plan from its JSON form, every field checked (:func:`check_plan_json`); errors name ``source``."""
         check_plan_json(data, source)
+
+        def fail(msg: str) -> None:
+            raise PlanError(f"{source}: {msg}")
+
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in fields})
+        values = {k: v for k, v in data.items() if k in fields}
+        for name, section in SECTIONS.items():
+            if values.get(name) is not None:
+                values[name] = section.from_json(values[name], data["num_steps"], fail)
+        return cls(**values)
 
     def save(self, path: str | os.PathLike) -> str:
         """Write the plan as JSON: to a temporary file in the same directory, flushed, then renamed — an
@@ -256,7 +426,7 @@ class Plan:
         """One line: the method and its parameters, the number of steps and how many compute everything (a gated
         plan's steps are decided at run time: ``stats()`` says how many ran fully)."""
         full = sum(1 for s in range(self.num_steps) if not self.actions(s))
-        gated = f" ({len(self.gate['steps'])} decided by the {self.gate['kind']} gate)" if self.gate else ""
+        gated = f" ({len(self.gate.steps)} decided by the {self.gate.kind} gate)" if self.gate else ""
         return f"{self.method} {self.params}: {self.num_steps} steps, {full} fully computed{gated}"
 
 
@@ -283,9 +453,9 @@ def check_plan_json(data: Any, source: str = "plan") -> None:
         fail("not an fxcache plan: no 'format' field (expected 'fxcache.plan')")
     if data["format"] != "fxcache.plan":
         fail(f"not an fxcache plan: 'format' is {data['format']!r}, expected 'fxcache.plan'")
-    if data.get("version") != FORMAT_VERSION:
-        fail(f"plan format version {data.get('version')!r} is not supported: this fxcache reads version "
-             f"{FORMAT_VERSION}; re-optimize to make a plan of this version")
+    if data.get("version") not in READABLE_VERSIONS:
+        fail(f"plan format version {data.get('version')!r} is not supported: this fxcache reads versions "
+             f"{', '.join(map(str, READABLE_VERSIONS))}; re-optimize to make a plan of this version")
     fields = {f.name: f for f in dataclasses.fields(Plan)}
     unknown = sorted(set(data) - set(fields) - {"format", "version"})
     if unknown:
@@ -327,53 +497,9 @@ def check_plan_json(data: Any, source: str = "plan") -> None:
                 or not (len(p["nodes"]) == len(p["bases"]) == len(p["shapes"]) == len(p["dtypes"]))):
             fail(f"extra_points[{i}]: nodes/dtypes must be strings, bases strings or null, shapes lists of "
                  "integers, one of each per tensor")
-    steps = range(data["num_steps"])
-    gate = data.get("gate")
-    if gate is not None:
-        for k, types in (("kind", str), ("signal", str), ("skip", dict), ("threshold", (int, float)),
-                         ("steps", list)):
-            if k not in gate or not isinstance(gate[k], types):
-                fail(f"gate.{k} is missing or has the wrong type")
-        if gate["kind"] not in GATE_KINDS:
-            fail(f"gate.kind {gate['kind']!r} is unknown; kinds are {', '.join(GATE_KINDS)}")
-        if any(not isinstance(x, int) or isinstance(x, bool) or x not in steps for x in gate["steps"]):
-            fail(f"gate.steps must list step indices in [0, {data['num_steps']})")
-        if gate["kind"] == "teacache" and (not isinstance(gate.get("coefficients"), list)
-                                           or not all(_is_number(c) for c in gate["coefficients"])):
-            fail("gate.coefficients (TeaCache's polynomial) must be a list of numbers")
-    cfg = data.get("cfg_cache")
-    if cfg is not None:
-        for k in ("refresh", "derive"):
-            if not isinstance(cfg.get(k), list) or any(not isinstance(x, int) or x not in steps for x in cfg[k]):
-                fail(f"cfg_cache.{k} must list step indices in [0, {data['num_steps']})")
-        if not _is_number(cfg.get("radius")) or not isinstance(cfg.get("weights"), (dict, list)):
-            fail("cfg_cache needs a number 'radius' and 'weights' per derived step")
-        weights = cfg["weights"]
-        for x in cfg["derive"]:
-            w = weights.get(str(x)) if isinstance(weights, dict) else (weights[x] if x < len(weights) else None)
-            if not (isinstance(w, list) and len(w) == 2 and all(_is_number(v) for v in w)):
-                fail(f"cfg_cache.weights has no [w_lf, w_hf] pair for derived step {x}")
-    la = data.get("layer_adaptive")
-    if la is not None:
-        if not isinstance(la.get("blocks"), list) or not la["blocks"] or not all(isinstance(b, str)
-                                                                                  for b in la["blocks"]):
-            fail("layer_adaptive.blocks must be a non-empty list of point keys")
-        for k in ("warmup", "recalculate"):
-            if not isinstance(la.get(k), int) or la[k] < 1:
-                fail(f"layer_adaptive.{k} must be an integer >= 1")
-        if not _is_number(la.get("gamma")):
-            fail("layer_adaptive.gamma must be a number")
-    tokens = data.get("tokens")
-    if tokens is not None:
-        fresh = tokens.get("fresh")
-        if not _is_number(fresh) or not 0 < fresh <= 1:
-            fail("tokens.fresh must be a number in (0, 1]")
-        if tokens.get("score", "random") not in ("random", "staleness"):
-            fail("tokens.score must be 'random' or 'staleness'")
-
-
-#: dynamic gates the runtime knows
-GATE_KINDS = ("fbcache", "dbcache", "teacache", "easycache")
+    for name, section in SECTIONS.items():  # each typed section checks its own fields
+        if data.get(name) is not None:
+            section.from_json(data[name], data["num_steps"], fail)
 
 
 def _is_number(x: Any) -> bool:

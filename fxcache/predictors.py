@@ -15,11 +15,14 @@ D¹ = (F₀ − F₁)/d, D² = ((F₀ − F₁)/d − (F₁ − F₂)/d)/d.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
-__all__ = ["HERMITE_SIGMA", "PREDICTORS", "history_needed", "predict"]
+from fxcache.plan import LINEAR_PREFIX, ORDER, PlanError
+
+__all__ = ["HERMITE_SIGMA", "PREDICTORS", "forecast_coefficients", "hermite_scaled", "history_needed", "predict"]
 
 PREDICTORS = ("reuse", "taylor1", "taylor2", "ab2", "hermite")
 _NEEDED = {"reuse": 1, "taylor1": 2, "ab2": 2, "taylor2": 3, "hermite": 3}
@@ -34,7 +37,7 @@ def history_needed(name: str) -> int:
         raise ValueError(f"unknown predictor {name!r}; known: {', '.join(PREDICTORS)}") from None
 
 
-def _hermite_scaled(i: int, x: float, sigma: float) -> float:
+def hermite_scaled(i: int, x: float, sigma: float) -> float:
     h_prev, h = 1.0, 2.0 * sigma * x  # H0, H1 at sigma*x
     if i == 0:
         return 1.0
@@ -61,4 +64,21 @@ def predict(name: str, history: Sequence[torch.Tensor], spacing: float, horizon:
     d2 = (d1 - (history[1] - history[2]) / d) / d
     if name == "taylor2":
         return f0 + d1 * k + d2 * (k * k / 2.0)
-    return f0 + d1 * _hermite_scaled(1, k, sigma) + d2 * (_hermite_scaled(2, k, sigma) / 2.0)
+    return f0 + d1 * hermite_scaled(1, k, sigma) + d2 * (hermite_scaled(2, k, sigma) / 2.0)
+
+
+def forecast_coefficients(action: str, k: float, d: float = 1.0) -> list[float]:
+    """``[c1, .., cm]`` such that the forecast is ``D0 + c1·D1 + … + cm·Dm`` with TaylorSeer's factors (Dʲ divided
+    by the step distances between computations) for a target ``k`` steps after the last computation; ``d`` is the
+    distance between the last two computations."""
+    if action == "reuse":
+        return []
+    if action.startswith(LINEAR_PREFIX):
+        return [float(action[len(LINEAR_PREFIX):]) * d]
+    if action in ("taylor1", "taylor2"):
+        return [k ** j / math.factorial(j) for j in range(1, ORDER[action] + 1)]
+    if action == "ab2":
+        return [k / 2.0]
+    if action == "hermite":
+        return [hermite_scaled(1, k, HERMITE_SIGMA), hermite_scaled(2, k, HERMITE_SIGMA) / 2.0]
+    raise PlanError(f"no forecast coefficients for action {action!r}")
