@@ -1,0 +1,100 @@
+"""The compiler of step graphs: ``torch.compile(graph, backend, fullgraph=True, dynamic=False)`` per variant,
+compiled on its first call, each compilation logged (and shown on a progress bar when asked)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+from collections.abc import Callable
+
+import torch
+
+from fxcache.devices import device_of
+from fxcache.errors import InputError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CompiledGraphs", "Compiler"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiler:
+    """How step graphs are compiled: ``torch.compile(graph, backend, fullgraph=True, dynamic=False, ...)``."""
+
+    backend: str | Callable
+    mode: str | None
+    cuda_graphs: bool
+    options: dict | None
+
+    @classmethod
+    def make(cls, backend, mode, cuda_graphs: bool, options, model) -> Compiler:
+        """Check the arguments (before any long work) and make the compiler; ``model`` is the denoiser."""
+        if backend == "tensorrt":
+            if importlib.util.find_spec("torch_tensorrt") is None:
+                raise InputError("backend='tensorrt' needs the torch-tensorrt package, which is not installed: "
+                                 "pip install 'fxcache[tensorrt]' (CUDA only)")
+            import torch_tensorrt  # noqa: F401 — registers the "torch_tensorrt" torch.compile backend
+
+            backend = "torch_tensorrt"
+        elif not (callable(backend) or isinstance(backend, str)):
+            raise InputError(f"backend must be a torch.compile backend name or callable, got {backend!r}")
+        elif isinstance(backend, str) and backend not in torch.compiler.list_backends(exclude_tags=()):
+            names = sorted(set(torch.compiler.list_backends(exclude_tags=())) - {"tensorrt", "torch_tensorrt"})
+            raise InputError(f"unknown torch.compile backend {backend!r}; available: {', '.join(names)}, or "
+                             "'tensorrt' (torch-tensorrt)")
+        if mode is not None and options:
+            raise InputError("give mode= or options=, not both (torch.compile accepts one)")
+        if cuda_graphs:
+            if backend != "inductor":
+                raise InputError(f"cuda_graphs=True needs backend='inductor', got {backend!r}")
+            if mode not in (None, "reduce-overhead", "max-autotune"):
+                raise InputError(f"cuda_graphs=True captures with mode='reduce-overhead' or 'max-autotune', not "
+                                 f"{mode!r}")
+            mode = mode or "reduce-overhead"
+            device = device_of(model)
+            if device.type != "cuda":
+                raise InputError(f"cuda_graphs=True needs the model on a CUDA device; its parameters are on {device}")
+        return cls(backend, mode, cuda_graphs, options)
+
+    def __call__(self, gm: torch.fx.GraphModule) -> Callable:
+        kwargs = {"options": self.options} if self.options else {"mode": self.mode} if self.mode else {}
+        return torch.compile(gm, backend=self.backend, fullgraph=True, dynamic=False, **kwargs)
+
+
+class CompiledGraphs:
+    """The compiled callables of one program's step graphs (made lazily: torch.compile compiles on the first
+    call). ``shared`` callables may come from another denoiser (a fork), unless they capture CUDA graphs."""
+
+    def __init__(self, compiler: Compiler, progress: bool = False, shared: dict | None = None):
+        self.compiler = compiler
+        self.progress = progress
+        self.fns: dict = shared if shared is not None else {}
+        self._bar = None
+
+    def get(self, variant, gm) -> tuple[Callable, bool]:
+        """(the compiled callable of ``variant``, whether this call will compile it)."""
+        fn = self.fns.get(variant)
+        fresh = fn is None
+        if fresh:
+            fn = self.fns[variant] = self.compiler(gm)
+        if self.compiler.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return fn, fresh
+
+    def compiled(self, variant, seconds: float, total: int) -> None:
+        """Report one step graph compiled (on its first call): a log line, and the bar when asked for."""
+        done = len(self.fns)
+        log.info("compiled step graph %d/%d (%s) in %.1f s", done, total, variant.name, seconds)
+        if not self.progress:
+            return
+        if self._bar is None:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                return
+            self._bar = tqdm(total=total, desc="fxcache compile", unit="graph", leave=False)
+        self._bar.set_postfix_str(variant.name[:40])
+        self._bar.update(1)
+        if done >= total:
+            self._bar.close()

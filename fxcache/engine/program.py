@@ -1,0 +1,96 @@
+"""The step program of a plan: which step graph each step runs, and what each graph costs.
+
+Built once per (traced graph, plan): one graph per distinct :class:`~fxcache.rewrite.Variant` (specialised by the
+passes; ``graph_cache`` shares graphs across programs of one traced graph — the plan search's candidates), the
+variant of every step, the matmul-like FLOPs of every graph and of the uncached full graph, and where the step
+input sits among a call's flat inputs. Dynamic methods' policies add the graphs they run themselves (a gate's
+prefix/suffix graphs, Foresight's reuse variants) with :meth:`StepProgram.add`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.fx
+
+from fxcache.ir.names import IO_META
+from fxcache.ir.points import CachePoint
+from fxcache.plan import Plan, is_forecast, order_of
+from fxcache.rewrite import Variant, executed_flops, specialize
+
+__all__ = ["StepProgram"]
+
+
+class StepProgram(torch.nn.Module):
+    """See the module docstring. ``variants`` (a ModuleDict) holds the graphs, so they move with ``.to()``."""
+
+    def __init__(self, traced, plan: Plan, points: Sequence[CachePoint], graph_cache: dict | None = None):
+        super().__init__()
+        object.__setattr__(self, "_traced", traced)  # not a submodule: the denoiser owns it
+        self.plan = plan
+        self.points = {p.key: p for p in points}
+        self._graph_cache = graph_cache
+        self.variants = torch.nn.ModuleDict()
+        self.graphs: dict[Variant, torch.fx.GraphModule] = {}
+        self.flops: dict[Variant, int] = {}
+        self.variant_of_step: list[Variant] = []
+        for s in range(plan.num_steps):
+            v = self.static_variant(s)
+            self.add(v)
+            self.variant_of_step.append(v)
+        # the uncached baseline is the full graph after the same dead-code elimination the variants get
+        full = self.graphs.get(Variant()) or self._specialize(Variant())
+        self.full_flops = executed_flops(full)
+        placeholders = [n for n in traced.graph_module.graph.nodes if n.op == "placeholder"]
+        input_names = [n.meta["fxcache"].key[len("input:"):] for n in placeholders]
+        self.step_index = input_names.index(traced.step_input) if traced.step_input in input_names else None
+        self.max_order = {k: plan.max_order(k) for k in plan.read_points()}
+
+    @property
+    def source(self) -> torch.fx.GraphModule:
+        """The traced graph the step graphs are specialised from."""
+        return self._traced.graph_module
+
+    def static_variant(self, step: int) -> Variant:
+        """The variant the plan's static actions give ``step``: what it reads (and in which order), which points
+        are token-masked, and what it writes for later steps."""
+        plan = self.plan
+        acts = plan.actions(step)
+        token_points = tuple(sorted(k for k, a in acts.items() if a == "tokens"))
+        writes = tuple(sorted(set(plan.writes_at(step)) | set(token_points)))
+        reads = tuple(sorted((k, order_of(a)) for k, a in acts.items() if is_forecast(a)))
+        return Variant(writes=writes, reads=reads, tokens=token_points, num_tokens=self._num_tokens(token_points))
+
+    def _num_tokens(self, token_points) -> tuple[tuple[int, int], ...]:
+        if not token_points:
+            return ()
+        counts = sorted({self.points[k].shapes[0][1] for k in token_points})
+        fresh = float(self.plan.tokens.fresh)
+        return tuple((n, max(1, min(n, math.ceil(fresh * n)))) for n in counts)
+
+    def _specialize(self, variant: Variant) -> torch.fx.GraphModule:
+        cache = self._graph_cache
+        if cache is None:
+            return specialize(self._traced.graph_module, self.points, variant)
+        if variant not in cache:  # step graphs hold no state: sharing them across programs is safe
+            cache[variant] = specialize(self._traced.graph_module, self.points, variant)
+        return cache[variant]
+
+    def add(self, variant: Variant) -> torch.fx.GraphModule:
+        """The graph of ``variant``, specialised (and registered) on first use."""
+        gm = self.graphs.get(variant)
+        if gm is None:
+            gm = self.graphs[variant] = self._specialize(variant)
+            self.flops[variant] = executed_flops(gm)
+            self.variants[f"v{len(self.variants)}"] = gm
+        return gm
+
+    def io(self, variant: Variant) -> dict:
+        """The named inputs/outputs record of ``variant``'s graph (:mod:`fxcache.ir.names`)."""
+        return self.graphs[variant].meta[IO_META]
+
+    def static_fraction(self) -> float:
+        """The computed fraction of one run of the static schedule: Σ FLOPs of the steps' graphs / uncached."""
+        return sum(self.flops[v] for v in self.variant_of_step) / (self.plan.num_steps * self.full_flops)
