@@ -8,8 +8,10 @@ from __future__ import annotations
 import torch
 import torch.fx
 import torch.utils._pytree as pytree  # private, but the only pytree API that export's in/out specs use
+from torch.fx.passes.infra.pass_base import PassBase, PassResult  # not BC-guaranteed (compatibility: False)
 
-__all__ = ["OP_TYPES", "copy_codegen", "draft_export", "dynamo_counters", "error_on_recompile", "keystr", "output_spec",
+__all__ = ["OP_TYPES", "PassBase", "PassResult", "copy_codegen", "draft_export", "dynamo_counters", "error_on_recompile",
+           "keystr", "output_spec",
            "pytree", "tree_flatten_with_path", "unlift", "use_flat_codegen"]
 
 keystr = pytree.keystr

@@ -13,9 +13,10 @@ from fxcache.ir.meta import (
     op_name,
     set_info,
 )
+from fxcache.ir.points import CachePoint
 from fxcache.ir.verify import verify
 
 __all__ = [
-    "FXCACHE_META_KEY", "NodeInfo", "copy_graph_module", "dump", "fingerprint", "get_info", "info", "key_of", "module_path_of",
+    "CachePoint", "FXCACHE_META_KEY", "NodeInfo", "copy_graph_module", "dump", "fingerprint", "get_info", "info", "key_of", "module_path_of",
     "module_paths_of", "op_name", "set_info", "verify",
 ]

@@ -11,7 +11,8 @@ values first. The record of both lists lives in ``graph_module.meta[IO_META]``.
 
 from __future__ import annotations
 
-__all__ = ["IO_META", "VARIANT_META", "cache_input", "coef_input", "cut_input", "cut_output", "token_index_input",
+__all__ = ["IO_META", "PASSES_META", "VARIANT_META", "cache_input", "coef_input", "cut_input", "cut_output",
+           "token_index_input",
            "write_output"]
 
 #: ``gm.meta[IO_META]``: ``{"inputs": [names], "outputs": [names], "num_model_outputs": int, "out_spec": ...,
@@ -19,6 +20,8 @@ __all__ = ["IO_META", "VARIANT_META", "cache_input", "coef_input", "cut_input", 
 IO_META = "fxcache_io"
 #: ``gm.meta[VARIANT_META]``: the :class:`~fxcache.rewrite.Variant` a step graph was specialised for
 VARIANT_META = "fxcache_variant"
+#: ``gm.meta[PASSES_META]``: the names of the passes that ran on a graph, in order (checked by passes' ``requires``)
+PASSES_META = "fxcache_passes"
 
 
 def cache_input(point: str, tensor: int, factor: int) -> str:

@@ -6,9 +6,10 @@ from fxcache.passes.compute_token_subset import ComputeTokenSubset
 from fxcache.passes.eliminate_dead_code import EliminateDeadCode
 from fxcache.passes.flatten_io import FlattenIO
 from fxcache.passes.insert_probes import InsertProbes
-from fxcache.passes.read_cache import ReadFromCache
-from fxcache.passes.split_at_cut import KeepOnlyCut, ResumeFromCut, prefix_cut
-from fxcache.passes.write_cache import WriteToCache
+from fxcache.passes.keep_only_cut import KeepOnlyCut
+from fxcache.passes.read_cache import ReadCache
+from fxcache.passes.resume_from_cut import ResumeFromCut
+from fxcache.passes.write_cache import WriteCache
 
 __all__ = ["AnnotateNodes", "ComputeTokenSubset", "EliminateDeadCode", "FlattenIO", "FxPass", "InsertProbes", "KeepOnlyCut", "PassResult",
-           "ReadFromCache", "ResumeFromCut", "WriteToCache", "prefix_cut", "run_passes"]
+           "ReadCache", "ResumeFromCut", "WriteCache", "run_passes"]

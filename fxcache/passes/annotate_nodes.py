@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch.fx
 
+from fxcache.errors import IRError
 from fxcache.ir.meta import NodeInfo, get_info, module_path_of, op_name, set_info
 from fxcache.passes.base import FxPass, PassResult
 
@@ -31,9 +32,10 @@ class AnnotateNodes(FxPass):
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
         if len(placeholders) != len(self.input_names):
-            raise ValueError(f"annotate_nodes: graph has {len(placeholders)} inputs but {len(self.input_names)} "
-                             "input names were given")
+            raise IRError(f"annotate_nodes: graph has {len(placeholders)} inputs but {len(self.input_names)} "
+                          "input names were given")
         names = iter(self.input_names)
+        changed = False
         ordinals: collections.Counter[tuple[str, str]] = collections.Counter()
         for node in graph_module.graph.nodes:
             if node.op == "placeholder":
@@ -51,6 +53,8 @@ class AnnotateNodes(FxPass):
             old = get_info(node)
             if old is None:
                 set_info(node, NodeInfo(key=key, module_path=path))
-            else:  # re-annotating keeps what later analyses recorded (block, role)
+                changed = True
+            elif (old.key, old.module_path) != (key, path):  # re-annotating keeps what analyses recorded (role)
                 old.key, old.module_path = key, path
-        return PassResult(graph_module, True)
+                changed = True
+        return PassResult(graph_module, changed)

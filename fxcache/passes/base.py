@@ -1,4 +1,12 @@
-"""Pass infrastructure: every fxcache pass is a torch.fx ``PassBase`` verified by :func:`fxcache.ir.verify`."""
+"""Pass infrastructure: every fxcache pass is a torch.fx ``PassBase`` with a checked contract.
+
+* ``requires``: the passes that must have run on the graph first (``requires_passes``, checked against the record
+  in ``gm.meta[PASSES_META]``), and — for a pass that must not apply twice (``once``) — that it has not run yet;
+  a violation is an :class:`~fxcache.IRError` naming the pass and what is missing;
+* ``call``: the rewrite, returning ``PassResult(gm, modified)`` with ``modified`` True only when it changed the
+  graph;
+* ``ensures``: :func:`fxcache.ir.verify` after the pass, so a pass that breaks an invariant is named at once.
+"""
 
 from __future__ import annotations
 
@@ -8,27 +16,47 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 import torch.fx
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from fxcache._compat import PassBase, PassResult
+from fxcache.errors import IRError
+from fxcache.ir.names import PASSES_META
 from fxcache.ir.verify import verify
 
 log = logging.getLogger(__name__)
 
 
-class FxPass(PassBase):
-    """Base of fxcache passes. Subclasses set ``name`` and implement ``call(gm) -> PassResult``.
+def applied_passes(graph_module: torch.fx.GraphModule) -> list[str]:
+    """The names of the passes that ran on ``graph_module`` (copies keep the record)."""
+    return list(getattr(graph_module, "meta", {}).get(PASSES_META, []))
 
-    ``ensures`` runs :func:`fxcache.ir.verify` after the pass, so a pass that breaks an invariant is named at once.
-    """
+
+class FxPass(PassBase):
+    """Base of fxcache passes (see the module docstring). Subclasses set ``name`` (= the module's name), and
+    implement ``call(gm) -> PassResult``."""
 
     name: ClassVar[str] = ""
+    #: passes that must have run on the graph before this one
+    requires_passes: ClassVar[tuple[str, ...]] = ()
+    #: a second run on the same graph would apply the rewrite twice: refuse it
+    once: ClassVar[bool] = False
+
+    def requires(self, graph_module: torch.fx.GraphModule) -> None:
+        done = applied_passes(graph_module)
+        missing = [p for p in self.requires_passes if p not in done]
+        if missing:
+            raise IRError(f"pass {self.name!r} needs {', '.join(map(repr, missing))} to have run on this graph first "
+                          f"(ran: {', '.join(done) or 'none'})")
+        if self.once and self.name in done:
+            raise IRError(f"pass {self.name!r} already ran on this graph; running it again would apply its rewrite "
+                          "twice — start from a fresh copy of the traced graph")
 
     def ensures(self, graph_module: torch.fx.GraphModule) -> None:
         verify(graph_module)
 
 
 def run_passes(gm: torch.fx.GraphModule, passes: Sequence[FxPass]) -> torch.fx.GraphModule:
-    """Run ``passes`` in order (each verifies the IR after itself) and recompile after each that modified the graph.
+    """Run ``passes`` in order (each checks its contract and verifies the IR after itself), recompile after each
+    that modified the graph and record each in ``gm.meta[PASSES_META]``.
 
     Errors propagate with their own type; the log names the pass that raised and the passes before it.
     """
@@ -45,9 +73,11 @@ def run_passes(gm: torch.fx.GraphModule, passes: Sequence[FxPass]) -> torch.fx.G
             gm = result.graph_module
             if result.modified:
                 gm.recompile()
-        log.debug("pass %s took %.3fs", name, time.perf_counter() - start)
+        gm.meta[PASSES_META] = [*applied_passes(gm), name]
+        log.debug("pass %s took %.3fs (modified: %s)", name, time.perf_counter() - start,
+                  result.modified if result is not None else "?")
         done.append(name)
     return gm
 
 
-__all__ = ["FxPass", "PassResult", "run_passes"]
+__all__ = ["FxPass", "PassResult", "applied_passes", "run_passes"]

@@ -74,6 +74,8 @@ class ComputeTokenSubset(FxPass):
     """Token-mask each point of ``points`` with ``num_tokens`` fresh tokens (see the module docstring)."""
 
     name = "compute_token_subset"
+    requires_passes = ("annotate_nodes", "flatten_io")
+    once = True
 
     def __init__(self, points: Sequence[CachePoint], num_tokens: Sequence[tuple[int, int]]):
         super().__init__()

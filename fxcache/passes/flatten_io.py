@@ -22,6 +22,8 @@ class FlattenIO(FxPass):
     names, the model's output spec)."""
 
     name = "flatten_io"
+    requires_passes = ("annotate_nodes",)
+    once = True
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         graph = graph_module.graph

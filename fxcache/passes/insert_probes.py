@@ -29,6 +29,8 @@ class InsertProbes(FxPass):
     """Insert one ``fxcache_probe`` node per tensor of each point (signals included), in the order given."""
 
     name = "insert_probes"
+    requires_passes = ("annotate_nodes",)
+    once = True
 
     def __init__(self, points: Sequence[CachePoint]):
         super().__init__()
@@ -65,4 +67,4 @@ class InsertProbes(FxPass):
             first, last = chain[0], chain[-1]
             node.replace_all_uses_with(last, delete_user_cb=lambda user, first=first: user is not first)
         graph.lint()
-        return PassResult(graph_module, True)
+        return PassResult(graph_module, bool(chains))

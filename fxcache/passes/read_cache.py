@@ -6,7 +6,7 @@ For each tensor ``i`` of a point read with forecast order ``m`` the graph gains 
 predictor of the library is this form, with coefficients the runtime computes from the step distance — plus the
 stream input for a residual point (itself the replaced value when an earlier point was read: reading blocks
 i and i+1 chains their residuals). Everything that only fed the replaced tensors is left dead for
-:class:`~fxcache.passes.EliminateDeadCode`. Run after :class:`~fxcache.passes.WriteToCache`.
+:class:`~fxcache.passes.EliminateDeadCode`. Run after :class:`~fxcache.passes.WriteCache`.
 """
 
 from __future__ import annotations
@@ -22,15 +22,17 @@ from fxcache.ir.points import CachePoint
 from fxcache.passes.base import FxPass, PassResult
 from fxcache.passes.flatten_io import add_graph_input
 
-__all__ = ["ReadFromCache"]
+__all__ = ["ReadCache"]
 
 _aten = torch.ops.aten
 
 
-class ReadFromCache(FxPass):
+class ReadCache(FxPass):
     """Read each ``(point, order)`` of ``reads`` from cache inputs (order 0 = reuse the stored value)."""
 
     name = "read_cache"
+    requires_passes = ("annotate_nodes", "flatten_io")
+    once = True
 
     def __init__(self, reads: Sequence[tuple[CachePoint, int]]):
         super().__init__()
@@ -73,4 +75,4 @@ class ReadFromCache(FxPass):
                     value = emit(_aten.add.Tensor, (replaced.get(base, base), value), "stream")
                 node.replace_all_uses_with(value)
                 replaced[node] = value
-        return PassResult(graph_module, True)
+        return PassResult(graph_module, bool(self.reads))

@@ -16,13 +16,15 @@ from fxcache.ir.names import IO_META, write_output
 from fxcache.ir.points import CachePoint
 from fxcache.passes.base import FxPass, PassResult
 
-__all__ = ["WriteToCache"]
+__all__ = ["WriteCache"]
 
 
-class WriteToCache(FxPass):
+class WriteCache(FxPass):
     """Append ``write:<point>[i]`` outputs for every tensor of every point in ``points``."""
 
     name = "write_cache"
+    requires_passes = ("annotate_nodes", "flatten_io")
+    once = True
 
     def __init__(self, points: Sequence[CachePoint]):
         super().__init__()
@@ -47,4 +49,4 @@ class WriteToCache(FxPass):
                 values.append(value)
                 io["outputs"].append(write_output(p.key, i))
         output.args = (tuple(values),)
-        return PassResult(graph_module, True)
+        return PassResult(graph_module, bool(self.points))
