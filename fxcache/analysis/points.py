@@ -22,7 +22,6 @@ modulated input of each stack's first block (TeaCache's indicator).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Iterable, Sequence
 
