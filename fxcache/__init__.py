@@ -1,12 +1,21 @@
 """fxcache: diffusion caching as graph transformation over torch.fx."""
 
 from fxcache import ir, methods
-from fxcache.analysis.profile import Profile, ProfileError, profile
 from fxcache.analysis.structure import Block, Stack, Structure
-from fxcache.errors import FxCacheError, FxCacheWarning, IncompleteRunWarning, InputError, IRError, TraceError
+from fxcache.errors import (
+    FxCacheError,
+    FxCacheWarning,
+    IncompleteRunWarning,
+    InputError,
+    IRError,
+    PlanError,
+    ProfileError,
+    TraceError,
+)
 from fxcache.ir.points import CachePoint
 from fxcache.optimize import load, optimize, save
-from fxcache.plan import Plan, PlanError
+from fxcache.plan import Plan
+from fxcache.profiling import Profile, profile
 from fxcache.runtime import OptimizedDenoiser
 from fxcache.trace import TracedDenoiser, trace
 

@@ -22,7 +22,7 @@ import torch
 from fxcache.errors import InputError
 
 __all__ = ["DENOISER_ATTRS", "CallLog", "denoiser_attr", "final_tensor", "is_pipeline", "original_forward",
-           "pipeline_kwargs", "record_calls", "run_loop", "step_values", "unwrap"]
+           "pipeline_kwargs", "record_calls", "run_loop", "step_values", "unwrap", "StepTracker"]
 
 #: pipeline attributes that hold the denoiser, in the order they are looked up
 DENOISER_ATTRS = ("transformer", "unet", "prior", "decoder")
@@ -213,3 +213,39 @@ def step_values(values: Sequence[float | None]) -> tuple[list[int], list[float |
         steps.append(len(per_step) - 1)
         last = v
     return steps, per_step
+
+
+class StepTracker:
+    """Turns a stream of step-input values into (step, branch, new run): a repeated value is another CFG branch of
+    the same step; a new value is the next step; a run restarts when the value returns to its first value or moves
+    against the direction of the run (``restarts=False``: one run, never restarted — a calibration run)."""
+
+    def __init__(self, restarts: bool = True):
+        self.restarts = restarts
+        self.reset()
+
+    def reset(self) -> None:
+        self.step, self.branch = -1, 0
+        self.first_t: float | None = None
+        self.last_t: float | None = None
+        self.direction = 0
+
+    def advance(self, t: float | None) -> tuple[int, int, bool]:
+        new_run = False
+        if t is not None and self.last_t is not None and t == self.last_t:
+            self.branch += 1
+            return self.step, self.branch, False
+        if t is not None and self.last_t is not None and self.restarts:
+            move = (t > self.last_t) - (t < self.last_t)
+            if t == self.first_t or (self.direction and move != self.direction):
+                new_run = True
+            elif not self.direction:
+                self.direction = move
+        if new_run:
+            self.reset()
+        if self.step < 0:
+            self.first_t = t
+        self.step += 1
+        self.branch = 0
+        self.last_t = t
+        return self.step, self.branch, new_run or self.step == 0

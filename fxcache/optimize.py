@@ -14,12 +14,13 @@ from typing import Any
 import torch
 
 from fxcache.analysis.points import find_cache_points, find_signals
-from fxcache.analysis.profile import Profile, check_loop_arguments, run_profile
+from fxcache.engine import Compiler
 from fxcache.errors import InputError, PlanError
 from fxcache.identity import weights_digest
 from fxcache.loops import denoiser_attr, final_tensor, is_pipeline, record_calls, run_loop, step_values, unwrap
 from fxcache.methods import Method, PlanContext
-from fxcache.runtime import OptimizedDenoiser, _Compiler
+from fxcache.profiling import Profile, check_loop_arguments, run_profile
+from fxcache.runtime import OptimizedDenoiser
 from fxcache.trace import TracedDenoiser, trace_call
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def optimize(model, calib_prompts: Sequence[Any], *, sampler=None, speedup: floa
     if not isinstance(denoiser, torch.nn.Module):
         raise InputError(f"optimize() could not find the denoiser module of {type(model).__qualname__}")
     if backend is not None:  # fail before the (long) calibration
-        _Compiler.make(backend, mode, cuda_graphs, None, denoiser)
+        Compiler.make(backend, mode, cuda_graphs, None, denoiser)
     elif mode is not None or cuda_graphs:
         raise InputError("mode= and cuda_graphs= apply to a compiled plan: give backend= too (e.g. 'inductor')")
     if profile is not None:
@@ -170,7 +171,7 @@ def _check_profile(prof, model, denoiser, calib_prompts, sampler, call_kwargs, s
     recorded = record_calls(model, calib_prompts[0], sampler=sampler, call_kwargs=call_kwargs, seed=seed)
     traced = prof.traced
     args, kwargs = recorded.calls[0]
-    same_call = traced is not None and traced.model is denoiser and _call_key(traced, args, kwargs) == traced._key
+    same_call = traced is not None and traced.model is denoiser and _call_key(traced, args, kwargs) == traced.call_key
     if not same_call:
         traced = trace_call(denoiser, args, kwargs)
         if traced.fingerprint != prof.fingerprint:
@@ -185,7 +186,7 @@ def _check_profile(prof, model, denoiser, calib_prompts, sampler, call_kwargs, s
     prof.traced = traced
     values = []
     for args, kwargs in recorded.calls:
-        a, k, _ = traced._signature.bind(args, kwargs, "denoiser call")
+        a, k, _ = traced.signature.bind(args, kwargs, "denoiser call")
         leaves = dict(zip(_input_names(traced), _leaves(a, k)))
         v = leaves.get(traced.step_input)
         values.append(float(v.reshape(-1)[0]) if isinstance(v, torch.Tensor) else
@@ -202,10 +203,10 @@ def _check_profile(prof, model, denoiser, calib_prompts, sampler, call_kwargs, s
 
 
 def _call_key(traced: TracedDenoiser, args, kwargs) -> tuple:
-    from fxcache.trace import _Signature
+    from fxcache.trace import CallSignature
 
-    a, k, _ = traced._signature.bind(args, kwargs, "denoiser call")
-    return _Signature.key(a, k)
+    a, k, _ = traced.signature.bind(args, kwargs, "denoiser call")
+    return CallSignature.key(a, k)
 
 
 def _input_names(traced: TracedDenoiser) -> list[str]:

@@ -33,9 +33,9 @@ import numpy as np
 import torch
 
 from fxcache import methods as M
-from fxcache.analysis.profile import Profile
 from fxcache.errors import InputError
 from fxcache.plan import Plan
+from fxcache.profiling import Profile
 from fxcache.runtime import OptimizedDenoiser
 
 log = logging.getLogger(__name__)
@@ -90,18 +90,20 @@ class SearchResult:
 # candidates
 
 
+#: the intervals the library sweep tries (each method's ``search_space(interval)``)
+INTERVALS = range(2, 9)
+
+
 def _library(ctx: M.PlanContext) -> list[tuple[str, Plan]]:
+    """Every method of the library over its search space, in sweep order (interval, then library order)."""
     out = []
-    for n in range(2, 9):
-        for make in (lambda n: M.FORA(interval=n), lambda n: M.TaylorSeer(interval=n, order=2),
-                     lambda n: M.TaylorSeer(interval=n, order=1), lambda n: M.HiCache(interval=n),
-                     lambda n: M.ABCache(interval=n), lambda n: M.DeltaDiT(interval=n),
-                     lambda n: M.DeepCache(interval=n), lambda n: M.ToCa(interval=n), lambda n: M.DuCa(interval=n)):
-            method = make(n)
-            try:
-                out.append((repr(method), method.plan(ctx)))
-            except InputError:
-                continue  # the method does not apply to this model
+    for n in INTERVALS:
+        for cls in M.LIBRARY:
+            for method in cls.search_space(n):
+                try:
+                    out.append((repr(method), method.plan(ctx)))
+                except InputError:
+                    continue  # the method does not apply to this model
     return out
 
 
@@ -134,11 +136,6 @@ def _granularities(ctx: M.PlanContext) -> dict[str, list[str]]:
         if pts:
             out[kind] = [p.key for p in pts]
     return out
-
-
-def _fraction(opt: OptimizedDenoiser) -> float:
-    t = opt.plan.num_steps
-    return sum(opt._flops[v] for v in opt._variant_of_step) / (t * opt._full_flops)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -219,7 +216,8 @@ def search(prof: Profile, run_loop: Callable[[Any, int], torch.Tensor], num_prom
         raise InputError(f"speedup must be >= 1, got {speedup!r}")
     if tolerance is not None and not tolerance > 0:
         raise InputError(f"tolerance must be > 0 (relative L2 of the final sample), got {tolerance!r}")
-    ctx = M.PlanContext(prof.fingerprint, prof.num_steps, prof.cache_points, prof.timesteps, prof)
+    ctx = M.PlanContext(prof.fingerprint, prof.num_steps, prof.cache_points, prof.timesteps, prof, traced=prof.traced,
+                        signals=prof.signal_points)
     points = prof.cache_points + prof.signal_points
     validator = _Validator(run_loop, num_prompts, prof.traced)
     cache: dict[str, Candidate] = {}
@@ -234,7 +232,7 @@ def search(prof: Profile, run_loop: Callable[[Any, int], torch.Tensor], num_prom
         except InputError as e:
             log.debug("candidate %s rejected: %s", name, e)
             return None
-        cand = Candidate(name, plan, _fraction(opt), denoiser=opt)
+        cand = Candidate(name, plan, opt.program.static_fraction(), denoiser=opt)
         cand.predicted = _predict(prof, plan)
         cache[key] = cand
         return cand

@@ -42,7 +42,7 @@ _MAX_SHAPE_VARIANTS = 8
 # arguments
 
 
-class _Signature:
+class CallSignature:
     """Binds calls to ``model.forward``'s signature and normalises them the same way at trace and call time."""
 
     def __init__(self, model: torch.nn.Module):
@@ -112,7 +112,7 @@ class _Signature:
 
 
 def describe_key_change(old: tuple, new: tuple) -> str:
-    """What differs between two call keys (:meth:`_Signature.key`), e.g. ``hidden_states: shape [2, 4, 8, 8]
+    """What differs between two call keys (:meth:`CallSignature.key`), e.g. ``hidden_states: shape [2, 4, 8, 8]
     float32 cpu -> shape [1, 4, 8, 8] float32 cpu``; at most four differences."""
     da, db = {x[0]: x[1:] for x in old}, {x[0]: x[1:] for x in new}
     diffs = [f"{_arg_name(k)}: {_fmt_entry(da.get(k))} -> {_fmt_entry(db.get(k))}"
@@ -289,21 +289,30 @@ class TracedDenoiser(torch.nn.Module):
     so a call never runs a graph specialised to different inputs.
     """
 
-    def __init__(self, model: torch.nn.Module, signature: _Signature, graph_module: torch.fx.GraphModule,
+    def __init__(self, model: torch.nn.Module, signature: CallSignature, graph_module: torch.fx.GraphModule,
                  key: tuple, structure: Structure, strategy: str):
         super().__init__()
         object.__setattr__(self, "_model", model)  # not a submodule: its parameters are graph_module's already
-        self._signature = signature
+        self.signature = signature
         self.graph_module = graph_module
         self.structure = structure
         self.capture_strategy = strategy
-        self._key = key
+        #: what the graph is specialised on (:meth:`CallSignature.key` of the example call)
+        self.call_key = key
         self._variants: OrderedDict[tuple, torch.fx.GraphModule] = OrderedDict()
 
     # -- structure ------------------------------------------------------------------------------------------------
     @property
     def model(self) -> torch.nn.Module:
         return self._model
+
+    @property
+    def _signature(self) -> CallSignature:  # the name before fxcache 0.1's house redesign (kept for callers)
+        return self.signature
+
+    @property
+    def _key(self) -> tuple:
+        return self.call_key
 
     @property
     def fxcache_model(self) -> torch.nn.Module:
@@ -341,7 +350,7 @@ class TracedDenoiser(torch.nn.Module):
 
     # -- calling ----------------------------------------------------------------------------------------------------
     def _graph_for(self, key: tuple, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
-        if key == self._key:
+        if key == self.call_key:
             return self.graph_module
         gm = self._variants.get(key)
         if gm is None:
@@ -357,8 +366,8 @@ class TracedDenoiser(torch.nn.Module):
         return gm
 
     def forward(self, *args, **kwargs):
-        args, kwargs, want_dict = self._signature.bind(args, kwargs, "call arguments")
-        gm = self._graph_for(_Signature.key(args, kwargs), args, kwargs)
+        args, kwargs, want_dict = self.signature.bind(args, kwargs, "call arguments")
+        gm = self._graph_for(CallSignature.key(args, kwargs), args, kwargs)
         try:
             out = gm(*args, **kwargs)
         except RuntimeError as e:
@@ -406,7 +415,7 @@ def trace_call(model: torch.nn.Module, args: tuple, kwargs: dict, *, step_input:
     if model.training:
         log.warning("%s is in training mode: dropout and similar layers are captured as in training; call "
                     ".eval() first for inference", type(model).__name__)
-    signature = _Signature(model)
+    signature = CallSignature(model)
     args, kwargs, _ = signature.bind(args, kwargs, "example_inputs")
     if not any(isinstance(leaf, torch.Tensor) for leaf in _compat.pytree.tree_leaves((args, kwargs))):
         raise InputError("example_inputs contain no tensor: pass the tensors of one real denoiser call")
@@ -415,4 +424,4 @@ def trace_call(model: torch.nn.Module, args: tuple, kwargs: dict, *, step_input:
     structure = discover_structure(gm, step_input=step_input)
     log.info("captured %s with %s: %d nodes\n%s", type(model).__name__, strategy, len(gm.graph.nodes),
              structure.summary())
-    return TracedDenoiser(model, signature, gm, _Signature.key(args, kwargs), structure, strategy)
+    return TracedDenoiser(model, signature, gm, CallSignature.key(args, kwargs), structure, strategy)
