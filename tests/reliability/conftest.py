@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from reliability_helpers import PROMPTS, STEPS, CountingSampler
 
 import fxcache
 from fxcache.testing import zoo
 from fxcache.testing.samplers import zoo_sampler
+from reliability.helpers import PROMPTS, STEPS, CountingSampler
 
 pytest.importorskip("diffusers")
 

@@ -17,3 +17,16 @@ class CountingSampler:
         out = self.inner(denoiser, prompt, **kwargs)
         self.done += 1
         return out
+
+
+class Forwarding:
+    """A denoiser stand-in for a sampler: calls go to ``fn``, attributes (dtype, device, config, ...) to ``den``."""
+
+    def __init__(self, den, fn):
+        self._den, self._fn = den, fn
+
+    def __call__(self, *args, **kwargs):
+        return self._fn(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._den, name)

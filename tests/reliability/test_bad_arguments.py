@@ -8,11 +8,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from reliability_helpers import PROMPTS, CountingSampler
 
 import fxcache
 from fxcache import methods as M
 from fxcache.testing import zoo
+from reliability.helpers import PROMPTS, CountingSampler
 
 
 def _refused(match, fn, counting=None, error=fxcache.InputError):

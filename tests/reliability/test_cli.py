@@ -36,7 +36,7 @@ def test_version(capsys):
     ([], "the following arguments are required: COMMAND"),
 ])
 def test_usage_errors_are_one_line_and_exit_2(capsys, args, cause):
-    code, out, err = _run(args, capsys)
+    code, _, err = _run(args, capsys)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and cause in lines[0] and "--help" in lines[0], err

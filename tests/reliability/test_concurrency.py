@@ -7,10 +7,10 @@ import threading
 
 import torch
 from profiling import seeded_run
-from reliability_helpers import PROMPTS
 
 import fxcache
 from fxcache import methods as M
+from reliability.helpers import PROMPTS, Forwarding
 
 
 def _two(dit, sampler, prof):
@@ -55,7 +55,7 @@ def _alternating(sampler, loops):
 
         torch.manual_seed(0)
         with torch.no_grad():
-            outs[i] = sampler(_Forwarding(den, call), prompt)
+            outs[i] = sampler(Forwarding(den, call), prompt)
         with turn:
             state["done"].add(i)
             if state["turn"] == i:
@@ -87,7 +87,7 @@ def test_one_denoiser_from_two_threads_is_refused(dit, sampler, prof):
 
         torch.manual_seed(0)
         with torch.no_grad():
-            sampler(_Forwarding(a, slow), 3)
+            sampler(Forwarding(a, slow), 3)
 
     def second():
         started.wait(5)
@@ -147,18 +147,8 @@ def _own_noise_run(den, sampler, prompt):
     try:
         torch.manual_seed(0)
         with torch.no_grad():
-            return sampler(_Forwarding(den, call), prompt)
+            return sampler(Forwarding(den, call), prompt)
     finally:
         if held["lock"]:
             _SEED_LOCK.release()
 
-
-class _Forwarding:
-    def __init__(self, den, fn):
-        self._den, self._fn = den, fn
-
-    def __call__(self, *args, **kwargs):
-        return self._fn(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._den, name)

@@ -9,10 +9,10 @@ import os
 
 import pytest
 import torch
-from reliability_helpers import PROMPTS
 
 import fxcache
 from fxcache import methods as M
+from reliability.helpers import PROMPTS
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def _edit(data, fn):
 @pytest.mark.parametrize("edit,match", [
     (lambda d: d.clear() or d.update({"x": 1}), r"no 'format' field"),
     (lambda d: d.update(format="fxcache.profile"), r"'format' is 'fxcache.profile', expected 'fxcache.plan'"),
-    (lambda d: d.update(version=99), r"plan format version 99 is not supported: this fxcache reads version 1"),
+    (lambda d: d.update(version=99), r"plan format version 99 is not supported: this fxcache reads versions 1, 2"),
     (lambda d: d.pop("fingerprint"), r"missing field 'fingerprint'"),
     (lambda d: d.update(fingerprint=42), r"field 'fingerprint' is a JSON number"),
     (lambda d: d.update(num_steps="6"), r"field 'num_steps' is a JSON string"),
@@ -174,3 +174,12 @@ def test_an_interrupted_profile_save_keeps_a_loadable_or_refused_directory(prof,
     with pytest.raises(fxcache.ProfileError, match="come from different saves"):
         fxcache.Profile.load(tmp_path / "calib")
     assert sorted(os.listdir(tmp_path / "calib")) == ["profile.json", "profile.safetensors"]
+
+
+def test_a_version_1_plan_still_loads(plan_json, tmp_path):
+    """Plan format 1 wrote sections without their own version: read, and written back as format 2."""
+    old = json.loads(json.dumps(plan_json))
+    old["version"] = 1
+    old["gate"].pop("version")
+    plan = fxcache.Plan.load(_write(tmp_path, old))
+    assert plan.gate.kind == "fbcache" and plan.to_json()["version"] == 2 and plan.to_json()["gate"]["version"] == 1

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 from profiling import seeded_run
-from reliability_helpers import PROMPTS, STEPS
 
 import fxcache
 from fxcache import methods as M
 from fxcache.testing import zoo
 from fxcache.testing.samplers import zoo_sampler
+from reliability.helpers import PROMPTS, STEPS
 
 
 def test_a_profile_of_other_weights_is_refused(dit, sampler, prof):

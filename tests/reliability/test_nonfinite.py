@@ -7,10 +7,10 @@ import copy
 
 import pytest
 import torch
-from reliability_helpers import PROMPTS
 
 import fxcache
 from fxcache import methods as M
+from reliability.helpers import PROMPTS, Forwarding
 
 
 def _poisoned(sampler, where: str):
@@ -26,24 +26,13 @@ def _poisoned(sampler, where: str):
                 kwargs["hidden_states"][0, 0, 0, 0] = float("nan")
             return den(**kwargs)
 
-        out = sampler(_Forwarding(den, call), prompt)
+        out = sampler(Forwarding(den, call), prompt)
         if where == "final":
             out = out.clone()
             out.view(-1)[0] = float("inf")
         return out
 
     return smp
-
-
-class _Forwarding:
-    def __init__(self, den, fn):
-        self._den, self._fn = den, fn
-
-    def __call__(self, *args, **kwargs):
-        return self._fn(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._den, name)
 
 
 def test_nan_in_the_sample_input_is_named(dit, sampler):

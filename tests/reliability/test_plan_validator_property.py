@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fxcache
-from fxcache.plan import ORDER, Plan, check_plan_json
+from fxcache.plan import FORMAT_VERSION, ORDER, Plan, check_plan_json
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -40,7 +40,8 @@ def valid_plans(draw, keys, num_steps_max=8):
                 computed[k] += 1
         steps.append(acts)
     timesteps = [float(1000 - 1000 * s / n) for s in range(n)]
-    return {"format": "fxcache.plan", "version": 1, "fingerprint": "f" * 16, "num_steps": n, "steps": steps,
+    return {"format": "fxcache.plan", "version": FORMAT_VERSION, "fingerprint": "f" * 16, "num_steps": n,
+            "steps": steps,
             "method": "property", "params": {}, "model": "DiTTransformer2DModel", "timesteps": timesteps,
             "gate": None, "cfg_cache": None, "layer_adaptive": None, "tokens": None, "extra_points": [],
             "weights": ""}

@@ -9,11 +9,11 @@ import warnings
 import pytest
 import torch
 from profiling import seeded_run
-from reliability_helpers import PROMPTS, STEPS
 
 import fxcache
 from fxcache import methods as M
 from fxcache.testing.samplers import flow_euler_sampler, zoo_sampler
+from reliability.helpers import PROMPTS, STEPS, Forwarding
 
 
 @pytest.fixture(scope="module")
@@ -84,25 +84,12 @@ def test_float_noise_in_the_timesteps_is_accepted():
             kwargs["timestep"] = kwargs["timestep"] * (1 + 1e-7)
             return den(**kwargs)
 
-        return smp(_Forwarding(den, forward), prompt)
+        return smp(Forwarding(den, forward), prompt)
 
     opt.reset()
     got = seeded_run(opt, noisy, 3)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert opt.stats()["steps"] == STEPS
-
-
-class _Forwarding:
-    """A denoiser stand-in: calls go to ``fn``, attributes to ``den``."""
-
-    def __init__(self, den, fn):
-        self._den, self._fn = den, fn
-
-    def __call__(self, *args, **kwargs):
-        return self._fn(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._den, name)
 
 
 def test_more_steps_than_planned_is_refused(opt, sampler):
