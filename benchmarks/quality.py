@@ -66,6 +66,9 @@ from fxcache.analysis.flops import count_flops
 from fxcache.testing import digits
 from fxcache.testing.peers import CacheContexts
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, beside this script
+from common import HelpFormatter, positive_int
+
 log = logging.getLogger("quality")
 
 CALIB = [{"label": c, "seed": 100 + c} for c in (1, 4, 7)]  # as `fxcache demo`; --calib N: labels 0..N-1 instead
@@ -348,22 +351,11 @@ def plot(rows, table, path: str, title: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every option's default in its help."""
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", choices=("flux", "dit"), default="flux", help="bundled digits model")
-    parser.add_argument("--steps", type=_positive_int, default=20, help="sampling steps")
-    parser.add_argument("--prompts", type=_positive_int, default=10,
+    parser.add_argument("--steps", type=positive_int, default=20, help="sampling steps")
+    parser.add_argument("--prompts", type=positive_int, default=10,
                         help="held-out prompts (labels 0-9, seeds 1000+)")
     parser.add_argument("--speedups", type=float, nargs="+", default=[2.0, 3.0, 4.0],
                         help="speedup targets in computed work")
@@ -371,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="peer libraries to compare (none: give the option with no value)")
     parser.add_argument("--quick", action="store_true", help="shorter sweeps (see above); nothing else changes")
     parser.add_argument("--methods", nargs="*", help="only these fxcache methods (class names); unset: all")
-    parser.add_argument("--calib", type=_positive_int, default=3,
+    parser.add_argument("--calib", type=positive_int, default=3,
                         help="calibration prompts (seeds 100+, never held out)")
     parser.add_argument("--out", default=os.path.join("out", "quality"),
                         help="output directory, created (relative to the current directory); "

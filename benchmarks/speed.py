@@ -48,6 +48,9 @@ import fxcache
 from fxcache import methods as M
 from fxcache.testing.peers import CacheContexts
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, beside this script
+from common import HelpFormatter, non_negative_int, positive_int
+
 log = logging.getLogger("speed")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -342,40 +345,22 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every option's default in its help."""
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", default="tiny-flux", choices=("flux-dev", "dit-xl", "tiny-flux", "tiny-dit"),
                         help="model architecture and size (random weights)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (the default is cuda when available)")
     parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                         help="model dtype; auto: bf16 on cuda, fp32 otherwise")
-    parser.add_argument("--steps", type=_positive_int, default=28, help="sampling steps per run")
-    parser.add_argument("--full", type=_positive_int, nargs="+", default=[6, 10],
+    parser.add_argument("--steps", type=positive_int, default=28, help="sampling steps per run")
+    parser.add_argument("--full", type=positive_int, nargs="+", default=[6, 10],
                         help="numbers of fully computed steps, one set of rows each; values above --steps are "
                              "dropped with a warning")
     parser.add_argument("--backend", default="auto",
                         help="torch.compile backend; auto: inductor on cuda, aot_eager otherwise")
-    parser.add_argument("--repeats", type=_positive_int, default=5, help="timed runs per row (the median is kept)")
-    parser.add_argument("--warmup", type=_non_negative_int, default=1, help="untimed runs per row before timing")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed runs per row (the median is kept)")
+    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs per row before timing")
     parser.add_argument("--peers", nargs="*", default=["diffusers", "cache-dit"], choices=("diffusers", "cache-dit"),
                         help="peer libraries to time (none: give the option with no value)")
     parser.add_argument("--out", default=os.path.join("out", "speed"),

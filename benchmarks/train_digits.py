@@ -37,6 +37,9 @@ import torch
 
 from fxcache.testing.digits import CONFIG, DIT_CONFIG, TEXT_TOKENS, dit_scheduler, make_tables, pack, position_ids
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, beside this script
+from common import HelpFormatter, positive_int
+
 log = logging.getLogger("train_digits")
 
 
@@ -48,25 +51,14 @@ def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.tensor(data.target, dtype=torch.long)
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every option's default in its help."""
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", choices=("flux", "dit"), default="flux", help="architecture to train")
-    parser.add_argument("--steps", type=_positive_int, default=3000, help="optimizer steps")
-    parser.add_argument("--batch", type=_positive_int, default=256, help="images per step")
+    parser.add_argument("--steps", type=positive_int, default=3000, help="optimizer steps")
+    parser.add_argument("--batch", type=positive_int, default=256, help="images per step")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (one-cycle schedule)")
     parser.add_argument("--seed", type=int, default=0, help="torch seed (data order, noise, initial weights)")
-    parser.add_argument("--log-every", type=_positive_int, default=250, help="log the loss every this many steps")
+    parser.add_argument("--log-every", type=positive_int, default=250, help="log the loss every this many steps")
     parser.add_argument("--out", default=os.path.join("out", "train_digits"),
                         help="output directory, created (relative to the current directory); "
                              "--out fxcache/assets replaces the bundled weights")

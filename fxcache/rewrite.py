@@ -22,9 +22,9 @@ from fxcache.passes import (
     EliminateDeadCode,
     FlattenIO,
     KeepOnlyCut,
-    ReadFromCache,
+    ReadCache,
     ResumeFromCut,
-    WriteToCache,
+    WriteCache,
     run_passes,
 )
 
@@ -69,8 +69,8 @@ def specialize(graph_module: torch.fx.GraphModule, points: Mapping[str, CachePoi
                variant: Variant) -> torch.fx.GraphModule:
     """The step graph of ``variant`` built from the traced ``graph_module`` (which is left unchanged)."""
     gm = copy_graph_module(graph_module)
-    passes = [FlattenIO(), WriteToCache([points[k] for k in variant.writes if k not in variant.tokens]),
-              ReadFromCache([(points[k], order) for k, order in variant.reads]),
+    passes = [FlattenIO(), WriteCache([points[k] for k in variant.writes if k not in variant.tokens]),
+              ReadCache([(points[k], order) for k, order in variant.reads]),
               ComputeTokenSubset([points[k] for k in variant.tokens], variant.num_tokens)]
     if variant.part == "prefix":
         passes.append(KeepOnlyCut(variant.cut))
