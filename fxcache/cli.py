@@ -13,13 +13,11 @@ import os
 import sys
 import time
 
+from fxcache.errors import CliError
+
 log = logging.getLogger("fxcache.cli")
 
 EXIT_USAGE = 2
-
-
-class CliError(Exception):
-    """A problem the command line reports in one line (exit status 2)."""
 
 
 def _positive_float(text: str, minimum: float = 1.0) -> float:

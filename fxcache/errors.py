@@ -39,6 +39,10 @@ class PlanError(InputError):
     reason."""
 
 
+class CliError(FxCacheError):
+    """A problem the ``fxcache`` command reports in one line (exit status 2): a missing extra, an unusable path."""
+
+
 class FxCacheWarning(UserWarning):
     """Base class of fxcache's warnings."""
 
