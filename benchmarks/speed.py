@@ -3,6 +3,7 @@
     python benchmarks/speed.py --model flux-dev --device cuda --dtype bf16     # FLUX.1-dev size, 1024², 28 steps
     python benchmarks/speed.py --model dit-xl --device cuda --dtype bf16       # DiT-XL/2, 256², batch 2 (CFG)
     python benchmarks/speed.py --model tiny-flux --steps 8 --repeats 2         # tiny size (minutes on CPU)
+    python benchmarks/speed.py --model deep-flux --backend inductor --actions reuse --full 6   # FLUX depth, tiny width
     python benchmarks/speed.py --model tiny-flux --device cpu --steps 4 --full 2 --repeats 1 --warmup 0   # smoke
 
 Results go to ``--out`` (default ``out/speed``, under the current directory; created). The tracked results in
@@ -13,17 +14,21 @@ Models have random weights (speed does not depend on them). The loop is rectifie
 
 Rows, all in one process, in this order:
 
-* **uncached eager** and **uncached torch.compile** (``--backend``, whole model);
+* **uncached eager**, **uncached torch.compile** (``--backend``, whole model) and diffusers'
+  ``compile_repeated_blocks`` (each block class compiled once; with ``--peers diffusers``);
 * **fxcache** ``Scheduled(full=k, action=a)`` for each ``--full`` k and action (reuse, taylor1): the stack residual
-  is computed at k uniformly spaced steps and reused / forecast at the others; eager step graphs, compiled step
-  graphs (``fullgraph=True``), and on CUDA compiled + CUDA graphs;
+  is computed at k uniformly spaced steps and reused / forecast at the others (``--actions``); eager step graphs,
+  compiled step graphs (``fullgraph=True``) for each ``--regional`` mode — ``blocks``: each distinct block compiled
+  once, ``graph``: the step graph compiled whole — and on CUDA compiled + CUDA graphs;
 * **diffusers** ``TaylorSeerCacheConfig(cache_interval≈steps/k)`` eager and with ``compile_repeated_blocks``
   (``--backend``);
 * **cache-dit** ``DBCache`` F1B0 with a static ``steps_computation_mask`` of k full steps, eager and with the
   transformer compiled.
 
 Columns: median wall time of ``--repeats`` runs after warm-up; **ideal** = the sum, over the run's calls, of the
-standalone time of the graph each call used (so wall / ideal ≤ 1.05 means the runtime adds ≤ 5 %); speedup against
+standalone time of the graph each call used (so wall / ideal ≤ 1.05 means the runtime adds ≤ 5 %); **overhead** =
+(wall − ideal) / calls, the runtime's cost per denoiser call in µs; **build** = seconds from nothing to a ready run
+(plan + compilation + the first run; inductor's on-disk caches are off unless ``--warm-cache``); speedup against
 uncached torch.compile; peak accelerator memory; bytes held by fxcache's cache at the end of a run. Results go to
 ``<out>/speed_<model>_<device>.json`` (+ ``.md``), written atomically, with the machine named. A ``--full`` value
 greater than ``--steps`` is dropped with a warning (the default ``6 10`` thus runs as ``6`` at 8 steps).
@@ -65,16 +70,18 @@ def build(name: str, device: str, dtype: torch.dtype):
     from diffusers import DiTTransformer2DModel, FluxTransformer2DModel
 
     gen = torch.Generator().manual_seed(0)
-    if name in ("flux-dev", "tiny-flux"):
+    if name in ("flux-dev", "tiny-flux", "deep-flux"):
         if name == "flux-dev":  # FLUX.1-dev: 19 double + 38 single blocks, 1024² -> 4096 image + 512 text tokens
             cfg = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38,
                    "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
                    "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": (16, 56, 56)}
             side, text = 64, 512
-        else:
-            cfg = {"patch_size": 1, "in_channels": 16, "num_layers": 2, "num_single_layers": 4,
-                   "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
-                   "pooled_projection_dim": 16, "guidance_embeds": True, "axes_dims_rope": (4, 6, 6)}
+        else:  # tiny width; deep-flux keeps FLUX.1-dev's depth (19 double + 38 single blocks)
+            deep = name == "deep-flux"
+            cfg = {"patch_size": 1, "in_channels": 16, "num_layers": 19 if deep else 2,
+                   "num_single_layers": 38 if deep else 4, "attention_head_dim": 16, "num_attention_heads": 2,
+                   "joint_attention_dim": 32, "pooled_projection_dim": 16, "guidance_embeds": True,
+                   "axes_dims_rope": (4, 6, 6)}
             side, text = 8, 8
         model = _make(FluxTransformer2DModel, cfg, device, dtype)
         tokens = side * side
@@ -162,8 +169,9 @@ def standalone(fn: Callable, args, device: str, repeats: int = 10) -> float:
     return timed(lambda: fn(*args), device, repeats, warmup=2)[0]
 
 
-def fxcache_ideal(opt, loop, device: str) -> float:
-    """Σ over the run's graph calls of each graph's standalone time (inputs recorded from one real run)."""
+def fxcache_ideal(opt, loop, device: str) -> tuple[float, int]:
+    """``(Σ over the run's graph calls of each graph's standalone time, graph calls)`` (inputs recorded from one
+    real run)."""
     seen: dict = {}
     counts: dict = {}
     original = opt._callable
@@ -185,7 +193,17 @@ def fxcache_ideal(opt, loop, device: str) -> float:
             loop(opt)
     finally:
         del opt._callable
-    return sum(counts[v] * standalone(fn, inputs, device) for v, (fn, inputs) in seen.items())
+    ideal = sum(counts[v] * standalone(fn, inputs, device) for v, (fn, inputs) in seen.items())
+    return ideal, sum(counts.values())
+
+
+def first_run(fn: Callable, device: str) -> float:
+    """Seconds of one run (the first: it includes every compilation)."""
+    start = time.perf_counter()
+    with torch.no_grad():
+        fn()
+    _sync(device)
+    return time.perf_counter() - start
 
 
 def memory_row(device: str) -> dict:
@@ -205,16 +223,20 @@ def run(args) -> dict:
     backend = args.backend if args.backend != "auto" else ("inductor" if device == "cuda" else "aot_eager")
     rows: list[dict] = []
 
-    def record(name: str, fn: Callable, ideal: float | None = None, **extra) -> dict:
+    def record(name: str, fn: Callable, ideal: float | None = None, calls: int | None = None,
+               build_s: float | None = None, **extra) -> dict:
+        """Time ``fn`` (a sampling run); ``build_s``: seconds to make it ready (first run, compilation included)."""
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         wall, times = timed(fn, device, args.repeats, warmup=args.warmup)
+        overhead = (wall - ideal) / calls * 1e6 if ideal and calls else None
         row = {"row": name, "wall_s": wall, "times_s": times, "ideal_s": ideal,
-               "ratio_to_ideal": wall / ideal if ideal else None, **memory_row(device), **extra,
-               "total_s": time.perf_counter() - start}
+               "ratio_to_ideal": wall / ideal if ideal else None, "overhead_us_per_call": overhead,
+               "build_s": build_s, **memory_row(device), **extra, "total_s": time.perf_counter() - start}
         rows.append(row)
-        log.info("%-58s %8.4f s%s", name, wall, f"  (x{wall / ideal:.3f} ideal)" if ideal else "")
+        log.info("%-62s %8.4f s%s%s", name, wall, f"  (x{wall / ideal:.3f} ideal, {overhead:+.0f} us/call)"
+                 if ideal and calls else "", f"  build {build_s:.1f} s" if build_s is not None else "")
         return row
 
     # uncached
@@ -222,32 +244,55 @@ def run(args) -> dict:
         x0 = torch.randn(shape).to(device, dtype)
         probe = kwargs(x0, torch.tensor(0.5, device=device))
     full_call = timed(lambda: model(**probe), device, 10, warmup=2)[0]
-    record("uncached eager", lambda: loop(model), ideal=full_call * args.steps)
+    record("uncached eager", lambda: loop(model), ideal=full_call * args.steps, calls=args.steps)
     compiled = torch.compile(model, backend=backend)
+    ready = first_run(lambda: loop(compiled), device)
     compiled_call = timed(lambda: compiled(**probe), device, 10, warmup=2)[0]
-    base = record(f"uncached torch.compile ({backend})", lambda: loop(compiled), ideal=compiled_call * args.steps)
+    base = record(f"uncached torch.compile ({backend})", lambda: loop(compiled), ideal=compiled_call * args.steps,
+                  calls=args.steps, build_s=ready)
+    del compiled
+    _uncompile(model)
+    if "diffusers" in args.peers and hasattr(model, "compile_repeated_blocks"):
+        model.compile_repeated_blocks(backend=backend)  # diffusers' regional compilation: each block class once
+        ready = first_run(lambda: loop(model), device)
+        record(f"uncached diffusers compile_repeated_blocks ({backend})", lambda: loop(model), build_s=ready)
+        _uncompile(model)
 
     # fxcache: a profile of the stack residuals only (light), then fixed schedules
+    start = time.perf_counter()
     prof = fxcache.profile(model, [0], sampler=loop, granularity=("stack",), horizons=(1,), spacings=(1,),
                            sensitivity=0, progress=False)
-    modes = [("eager", None, False), (f"compiled ({backend})", backend, False)]
+    profile_s = time.perf_counter() - start
+    log.info("fxcache profile (trace + one calibration run): %.1f s", profile_s)
+    modes = [("eager", None, False, None)]
+    for regional in args.regional:
+        label = f"compiled ({backend}" + (f", {regional})" if regional != "default" else ")")
+        modes.append((label, backend, False, regional))
     if device == "cuda" and backend == "inductor":
-        modes.append(("compiled + CUDA graphs", "inductor", True))
+        modes.append(("compiled + CUDA graphs", "inductor", True, "graph" if "default" not in args.regional
+                      else "default"))
     for k in args.full:
-        for action in ("reuse", "taylor1"):
-            for label, be, cg in modes:
+        for action in args.actions:
+            for label, be, cg, regional in modes:
+                start = time.perf_counter()
                 opt = fxcache.optimize(model, [0], sampler=loop, method=M.Scheduled(full=k, action=action),
                                        profile=prof, progress=False)
                 if be is not None:
-                    opt.compile(be, cuda_graphs=cg)
+                    if regional == "default":  # compile()'s own default (and the only mode before issue 14)
+                        opt.compile(be, cuda_graphs=cg)
+                    else:
+                        opt.compile(be, cuda_graphs=cg, regional=regional)
                 with torch.no_grad():
                     loop(opt)  # warm-up: compiles every variant
+                _sync(device)
+                ready = time.perf_counter() - start
                 stats = opt.stats()
                 cache_bytes = opt.cache_bytes()
-                ideal = fxcache_ideal(opt, loop, device)
+                ideal, calls = fxcache_ideal(opt, loop, device)
                 record(f"fxcache Scheduled({k}/{args.steps}, {action}) {label}", lambda opt=opt: loop(opt),
-                       ideal=ideal, computed_fraction=stats["computed_fraction"], cache_bytes=cache_bytes,
-                       variants=len(opt.variants))
+                       ideal=ideal, calls=calls, build_s=ready, computed_fraction=stats["computed_fraction"],
+                       cache_bytes=cache_bytes, variants=len(opt.variants),
+                       regions=getattr(opt, "compiled_regions", 0))
                 del opt
     if "diffusers" in args.peers:
         rows.extend(diffusers_rows(model, loop, args, record, backend))
@@ -255,7 +300,7 @@ def run(args) -> dict:
         rows.extend(cache_dit_rows(model, loop, args, record, backend))
     for row in rows:
         row["speedup_vs_uncached_compiled"] = base["wall_s"] / row["wall_s"] if "wall_s" in row else None
-    return {"rows": rows, "backend": backend}
+    return {"rows": rows, "backend": backend, "profile_s": profile_s}
 
 
 def diffusers_rows(model, loop, args, record, backend) -> list[dict]:
@@ -330,24 +375,28 @@ def _uncompile(model) -> None:
 
 def markdown(result: dict) -> str:
     lines = [(f"`{result['command']}` on {result['machine']} ({result['model']}, {result['steps']} steps, "
-             f"{result['dtype']})"), "",
-             "| row | wall (s) | × ideal | speedup vs uncached compiled | peak mem (GiB) | cache (MiB) |",
-             "|---|---|---|---|---|---|"]
+             f"{result['dtype']}, torch {result['torch']})"), "",
+             "| row | wall (s) | × ideal | overhead (µs/call) | build (s) | speedup vs uncached compiled | "
+             "peak mem (GiB) | cache (MiB) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['row']} | refused: {r['error'][:80]} | | | | |")
+            lines.append(f"| {r['row']} | refused: {r['error'][:80]} | | | | | | |")
             continue
         ratio = f"{r['ratio_to_ideal']:.3f}" if r.get("ratio_to_ideal") else ""
+        over = f"{r['overhead_us_per_call']:.0f}" if r.get("overhead_us_per_call") is not None else ""
+        build = f"{r['build_s']:.1f}" if r.get("build_s") is not None else ""
         mem = f"{r['peak_memory_gib']:.1f}" if "peak_memory_gib" in r else ""
         cache = f"{r['cache_bytes'] / 2**20:.3g}" if "cache_bytes" in r else ""
-        lines.append(f"| {r['row']} | {r['wall_s']:.4f} | {ratio} | {r['speedup_vs_uncached_compiled']:.2f}× | "
-                     f"{mem} | {cache} |")
+        lines.append(f"| {r['row']} | {r['wall_s']:.4f} | {ratio} | {over} | {build} | "
+                     f"{r['speedup_vs_uncached_compiled']:.2f}× | {mem} | {cache} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--model", default="tiny-flux", choices=("flux-dev", "dit-xl", "tiny-flux", "tiny-dit"),
+    parser.add_argument("--model", default="tiny-flux",
+                        choices=("flux-dev", "dit-xl", "tiny-flux", "deep-flux", "tiny-dit"),
                         help="model architecture and size (random weights)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (the default is cuda when available)")
@@ -359,6 +408,15 @@ def main(argv: list[str] | None = None) -> int:
                              "dropped with a warning")
     parser.add_argument("--backend", default="auto",
                         help="torch.compile backend; auto: inductor on cuda, aot_eager otherwise")
+    parser.add_argument("--actions", nargs="+", default=["reuse", "taylor1"], choices=("reuse", "taylor1"),
+                        help="what the cached steps do with the stack residual, one set of rows each")
+    parser.add_argument("--regional", nargs="+", default=["blocks", "graph"],
+                        choices=("blocks", "nested", "graph", "default"),
+                        help="how fxcache hands step graphs to the compiler, one row each (see "
+                             "OptimizedDenoiser.compile); default: compile()'s own default, without the argument")
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="let inductor reuse compiled code cached on disk by earlier runs (build times then "
+                             "measure cache hits, not compilation)")
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed runs per row (the median is kept)")
     parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs per row before timing")
     parser.add_argument("--peers", nargs="*", default=["diffusers", "cache-dit"], choices=("diffusers", "cache-dit"),
@@ -376,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     if dropped:
         log.warning("--full %s dropped: more than --steps %d; running --full %s", " ".join(map(str, dropped)),
                     args.steps, " ".join(map(str, args.full)))
+    if not args.warm_cache:  # compile times from scratch: no inductor / AOTAutograd cache of earlier runs
+        os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "0"
+        os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "0"
     os.makedirs(args.out, exist_ok=True)  # before the run: a bad --out fails now, not after it
     machine = (torch.cuda.get_device_name() if args.device == "cuda"
                else f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores")

@@ -30,7 +30,8 @@ __all__ = ["load", "optimize", "save"]
 
 def optimize(model, calib_prompts: Sequence[Any], *, sampler=None, speedup: float | None = None,
              tolerance: float | None = None, method: Method | str = "auto", backend=None, mode: str | None = None,
-             cuda_graphs: bool = False, progress: bool = True, seed: int = 0, profile: Profile | None = None,
+             cuda_graphs: bool = False, regional: str | None = None, progress: bool = True, seed: int = 0,
+             profile: Profile | None = None,
              **call_kwargs):
     """Calibrate ``model`` (a pipeline, or a denoiser with ``sampler``; see :func:`fxcache.profile`) on
     ``calib_prompts`` and return the :class:`~fxcache.runtime.OptimizedDenoiser` — for a pipeline, the pipeline
@@ -49,7 +50,8 @@ def optimize(model, calib_prompts: Sequence[Any], *, sampler=None, speedup: floa
     ``backend`` compiles every step graph (:meth:`~fxcache.runtime.OptimizedDenoiser.compile`): ``None`` (default)
     runs the step graphs as plain FX code; a torch.compile backend name (``"inductor"``, ``"aot_eager"``,
     ``"eager"``) or callable compiles each variant with ``fullgraph=True`` (``mode=`` passed on); ``"tensorrt"`` uses
-    torch-tensorrt. ``cuda_graphs=True`` (inductor on CUDA) captures each variant in a CUDA graph. The search itself
+    torch-tensorrt. ``cuda_graphs=True`` (inductor on CUDA) captures each variant in a CUDA graph; ``regional`` says how a step reaches the compiler (``"blocks"``: each distinct
+    block compiled once, the default without CUDA graphs; ``"graph"``; ``"nested"``). The search itself
     always runs uncompiled; only the chosen plan is compiled.
 
     ``profile=`` reuses a :class:`~fxcache.Profile` made by :func:`fxcache.profile` (or loaded with
@@ -69,9 +71,10 @@ def optimize(model, calib_prompts: Sequence[Any], *, sampler=None, speedup: floa
     if not isinstance(denoiser, torch.nn.Module):
         raise InputError(f"optimize() could not find the denoiser module of {type(model).__qualname__}")
     if backend is not None:  # fail before the (long) calibration
-        Compiler.make(backend, mode, cuda_graphs, None, denoiser)
-    elif mode is not None or cuda_graphs:
-        raise InputError("mode= and cuda_graphs= apply to a compiled plan: give backend= too (e.g. 'inductor')")
+        Compiler.make(backend, mode, cuda_graphs, None, denoiser, regional)
+    elif mode is not None or cuda_graphs or regional is not None:
+        raise InputError("mode=, cuda_graphs= and regional= apply to a compiled plan: give backend= too (e.g. "
+                         "'inductor')")
     if profile is not None:
         prof = _check_profile(profile, model, denoiser, calib_prompts, sampler, call_kwargs, seed, auto)
     else:
@@ -101,7 +104,7 @@ def optimize(model, calib_prompts: Sequence[Any], *, sampler=None, speedup: floa
                           timesteps=prof.timesteps, profile=prof, traced=prof.traced, signals=prof.signal_points)
         optimized = OptimizedDenoiser(prof.traced, method.plan(ctx), points)
     if backend is not None:
-        optimized.compile(backend, mode=mode, cuda_graphs=cuda_graphs, progress=progress)
+        optimized.compile(backend, mode=mode, cuda_graphs=cuda_graphs, regional=regional, progress=progress)
     optimized.plan.model = prof.model_name
     optimized.plan.weights = prof.weights
     optimized.profile = prof
@@ -238,13 +241,13 @@ def save(optimized, path: str | os.PathLike) -> str:
 
 
 def load(path, model, *, backend=None, mode: str | None = None, cuda_graphs: bool = False,
-         check_weights: bool = True):
+         regional: str | None = None, check_weights: bool = True):
     """Bind a plan saved with :func:`save` (or ``optimized.plan.save``) to ``model`` (a denoiser, or a pipeline
     whose denoiser is replaced and which is returned). Returns an :class:`~fxcache.runtime.OptimizedDenoiser` (the
     type :func:`optimize` returns) that traces the model on its first call and checks it against the plan's graph
     fingerprint and weights digest (``check_weights=False`` reuses a plan on other weights deliberately); a plan
-    made for another denoiser class is refused at once. ``backend``/``mode``/``cuda_graphs`` compile the step graphs
-    as in :func:`optimize`."""
+    made for another denoiser class is refused at once. ``backend``/``mode``/``cuda_graphs``/``regional`` compile the
+    step graphs as in :func:`optimize`."""
     from fxcache.plan import Plan
 
     if isinstance(path, torch.nn.Module) or is_pipeline(path):
@@ -261,9 +264,10 @@ def load(path, model, *, backend=None, mode: str | None = None, cuda_graphs: boo
         raise PlanError(f"{os.fspath(path)}: the plan was made for a {plan.model}, not a {type(target).__name__}")
     bound = OptimizedDenoiser(None, plan, model=target, source=os.fspath(path), check_weights=check_weights)
     if backend is not None:
-        bound.compile(backend, mode=mode, cuda_graphs=cuda_graphs)
-    elif mode is not None or cuda_graphs:
-        raise InputError("mode= and cuda_graphs= apply to a compiled plan: give backend= too (e.g. 'inductor')")
+        bound.compile(backend, mode=mode, cuda_graphs=cuda_graphs, regional=regional)
+    elif mode is not None or cuda_graphs or regional is not None:
+        raise InputError("mode=, cuda_graphs= and regional= apply to a compiled plan: give backend= too (e.g. "
+                         "'inductor')")
     if is_pipeline(model):
         setattr(model, denoiser_attr(model), bound)
         return model

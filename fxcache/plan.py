@@ -249,6 +249,9 @@ class Plan:
     extra_points: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     #: digest of the weights the plan was calibrated on (:func:`fxcache.identity.weights_digest`; "" = unknown)
     weights: str = ""
+    #: denoiser calls per step in calibration (2: CFG in two calls); lets the runtime count steps from calls
+    #: instead of reading an accelerator's step input every call ([] = unknown: the step input is read)
+    calls_per_step: list[int] = dataclasses.field(default_factory=list)
 
     def all_points(self, points: Sequence[CachePoint]) -> list[CachePoint]:
         """``points`` plus this plan's extra points."""
@@ -483,6 +486,10 @@ def check_plan_json(data: Any, source: str = "plan") -> None:
                         ("tokens", (dict, type(None)))):
         if name in data:
             _expect(data, name, types, fail)
+    cps = data.get("calls_per_step", [])
+    if not isinstance(cps, list) or (cps and (len(cps) != data["num_steps"] or any(
+            not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in cps))):
+        fail("'calls_per_step' must list, per step, the number of denoiser calls (integers >= 1)")
     if any(t is not None and not _is_number(t) for t in data.get("timesteps", [])):
         fail("'timesteps' must be a list of numbers (or null)")
     for i, p in enumerate(data.get("extra_points", [])):

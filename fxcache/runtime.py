@@ -11,6 +11,7 @@ starts one explicitly.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -25,18 +26,29 @@ import torch
 from fxcache import _compat
 from fxcache.engine import CacheStore, CompiledGraphs, Compiler, StepProgram
 from fxcache.errors import IncompleteRunWarning, InputError, PlanError
-from fxcache.ir.names import cache_input, coef_input, cut_input, write_output
+from fxcache.ir.names import parse_input, write_output
 from fxcache.ir.points import CachePoint
 from fxcache.loops import StepTracker
 from fxcache.methods import policies_for
 from fxcache.plan import Plan
 from fxcache.predictors import forecast_coefficients
 from fxcache.rewrite import Variant
-from fxcache.trace import CallSignature, TracedDenoiser, describe_key_change
+from fxcache.trace import CallSignature, FastBinder, TracedDenoiser, describe_key_change
 
 log = logging.getLogger(__name__)
 
 __all__ = ["OptimizedDenoiser", "StepCall", "StepTracker", "forecast_coefficients"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Recipe:
+    """How one step graph is fed and read (made once per variant): ``inputs`` after the call's leaves, each
+    ``(kind, point or name, index, factor)``; ``orders``: the factors each read point needs; ``writes``: per stored
+    point, the output positions of its tensors."""
+
+    inputs: list
+    orders: dict
+    writes: list
 
 
 class StepCall:
@@ -51,10 +63,11 @@ class StepCall:
         self.device = next((x.device for x in leaves if isinstance(x, torch.Tensor)), torch.device("cpu"))
 
     def run(self, variant: Variant, actions: dict, tail: Sequence[torch.Tensor] = (), store: bool = True,
-            keep: np.ndarray | None = None) -> tuple:
+            keep: np.ndarray | None = None, only: Sequence[str] | None = None) -> tuple:
         """Run ``variant`` (``actions``: this call's read actions, for the forecast coefficients; ``tail``: cut
-        tensors); store its writes (per sample where ``keep`` is True the old value is kept)."""
-        return self.denoiser._run(self, variant, actions, tail, store, keep)
+        tensors); store its writes — only those in ``only`` when given (a wider graph's extra outputs are not this
+        step's) — per sample where ``keep`` is True the old value is kept."""
+        return self.denoiser._run(self, variant, actions, tail, store, keep, only)
 
     def io(self, variant: Variant) -> dict:
         return self.program.io(variant)
@@ -113,11 +126,16 @@ class OptimizedDenoiser(torch.nn.Module):
         self._policies: list = []
         self._store = CacheStore()
         self._tracker = StepTracker()
-        self._accepted = None  # (tree spec, leaf shapes/values) of calls already checked against the traced key
         self._compiler: Compiler | None = None
         self._compiled: CompiledGraphs | None = None
         self._run_thread: int | None = None
         self._in_call = threading.Lock()
+        self._binders: dict = {}  # call layout -> FastBinder
+        self._recipes: dict = {}  # variant -> _Recipe
+        self._coef_tensors: dict = {}  # (action, k, d, device) -> coefficient tensors
+        self._schedules: dict = {}  # device -> (calibrated step inputs, tolerances)
+        #: count steps from calls even for a step input on the CPU (the accelerator behaviour, testable anywhere)
+        self.sync_free = False
         self._clear_run_state()
         if traced is not None:
             self._bind(traced, points if points is not None else [], graph_cache)
@@ -145,6 +163,8 @@ class OptimizedDenoiser(torch.nn.Module):
         for policy in self._policies:
             policy.prepare(self.program)
         self._store = CacheStore(self.program.max_order)
+        if self._compiled is not None and not self._compiled.blocks:
+            self._compiled.blocks = tuple(traced.blocks)
 
     def _bind_on_first_call(self, args: tuple, kwargs: dict) -> None:
         """A loaded plan meets its model: trace it with this call's inputs, check class, graph and weights."""
@@ -170,10 +190,13 @@ class OptimizedDenoiser(torch.nn.Module):
     # -- state --------------------------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget every cached value: the next call starts a new sampling run."""
-        self._end_run()
-        self._tracker.reset()
-        self._run_thread = None
-        self._clear_run_state()
+        try:
+            self._verify_schedule()  # sync-free stepping: the inputs of the run so far (raises if off schedule)
+        finally:
+            self._end_run()
+            self._tracker.reset()
+            self._run_thread = None
+            self._clear_run_state()
 
     def _end_run(self) -> None:
         """A run ends (a new one starts, or ``reset()``): warn when it stopped before the plan's last step."""
@@ -186,6 +209,9 @@ class OptimizedDenoiser(torch.nn.Module):
 
     def _clear_run_state(self) -> None:
         """Caches, the policies' state and the stats of the current run."""
+        self._pending_t: list = []  # (step, step input on the device) not yet checked (sync-free stepping)
+        self._off = None  # sync-free stepping: the run's largest distance from the schedule (a device tensor)
+        self._on_schedule = None
         self._store.clear()
         for policy in self._policies:
             policy.new_run()
@@ -216,20 +242,17 @@ class OptimizedDenoiser(torch.nn.Module):
     def _call(self, user_args, user_kwargs):
         if self.traced is None:
             self._bind_on_first_call(user_args, user_kwargs)
-        traced = self.traced
-        args, kwargs, want_dict = traced.signature.bind(user_args, user_kwargs, "call arguments")
-        leaves, spec = _compat.pytree.tree_flatten((args, kwargs))
-        quick = (spec, tuple((x.shape, x.dtype, x.device) if isinstance(x, torch.Tensor) else repr(x) for x in leaves))
-        if quick != self._accepted:  # the full key (with argument paths) only when the call's structure changes
-            key = CallSignature.key(args, kwargs)
-            if key != traced.call_key:
-                if not self.plan.read_points():  # a plan without cache reads is the traced model itself
-                    return traced(*user_args, **user_kwargs)
-                raise InputError(
-                    "this call differs from the calibration calls the plan was built for — "
-                    f"{describe_key_change(traced.call_key, key)}: re-optimize for this configuration (resolution, "
-                    "batch size, dtype, device, CFG mode)")
-            self._accepted = quick
+        # the fast path: a call laid out like an accepted one binds without inspect and is checked leaf by leaf
+        binder = self._binders.get((len(user_args), tuple(user_kwargs)))
+        if binder is not None:
+            leaves, want_dict = binder.leaves(user_args, user_kwargs)
+            if not binder.matches(leaves):
+                binder = None
+        if binder is None:
+            bound = self._bind_slowly(user_args, user_kwargs)
+            if not isinstance(bound, tuple):
+                return bound  # a call the plan does not cover, answered by the traced model
+            leaves, want_dict = bound
         step, branch = self._advance(leaves)
         call = StepCall(self, step, branch, leaves)
         result = next((r for r in (p.answer(call) for p in self._policies) if r is not None), None)
@@ -239,30 +262,63 @@ class OptimizedDenoiser(torch.nn.Module):
             result = next((r for r in (p.step(call) for p in self._policies) if r is not None), None)
             if result is None:  # the step's static graph
                 variant = self.program.variant_of_step[step]
-                flat = call.run(variant, self.plan.actions(step))
+                flat = call.run(variant, self.plan.actions(step), only=self.program.writes_of_step[step])
                 call.count(variant, cached=bool(variant.reads or variant.tokens))
                 result = call.result(flat, variant)
             flat, n_out, out_spec = result
             for policy in self._policies:
                 policy.observe(call, flat, n_out, out_spec)
+        if self._on_schedule is not None:
+            flat = self._guard(flat, n_out)
         out = _compat.pytree.tree_unflatten(list(flat[:n_out]), out_spec) if out_spec is not None else flat[0]
         if not want_dict and hasattr(out, "to_tuple"):
             return out.to_tuple()
         return out
 
+    def _bind_slowly(self, user_args, user_kwargs):
+        """Bind with the signature, check the call against the traced one (naming what differs), and remember a
+        fast binder for calls laid out like it. Returns ``(leaves, want_dict)``, or the traced model's output for
+        a call of other shapes when the plan reads nothing (the traced model itself)."""
+        traced = self.traced
+        args, kwargs, want_dict = traced.signature.bind(user_args, user_kwargs, "call arguments")
+        leaves = _compat.pytree.tree_leaves((args, kwargs))
+        key = CallSignature.key(args, kwargs)
+        if key != traced.call_key:
+            if not self.plan.read_points():  # a plan without cache reads is the traced model itself
+                return traced(*user_args, **user_kwargs)
+            raise InputError(
+                "this call differs from the calibration calls the plan was built for — "
+                f"{describe_key_change(traced.call_key, key)}: re-optimize for this configuration (resolution, "
+                "batch size, dtype, device, CFG mode)")
+        binder = traced.signature.binder(user_args, user_kwargs)
+        if binder is not None:
+            fast, fast_dict = binder.leaves(user_args, user_kwargs)
+            if FastBinder.describe(fast) == FastBinder.describe(leaves) and fast_dict == want_dict:
+                binder.accepted = FastBinder.describe(leaves)
+                self._binders[(len(user_args), tuple(user_kwargs))] = binder
+        return leaves, want_dict
+
     def _advance(self, leaves: list) -> tuple[int, int]:
         """(step, branch) of this call; refuses another thread's run, more steps than planned and another
-        timestep schedule (naming the first differing step)."""
-        t = None
+        timestep schedule (naming the first differing step).
+
+        A step input on the host (a Python number, a CPU tensor) is read at once: its value maps the call to a step
+        and is checked against the calibrated schedule. A step input on an accelerator is not read (that would stop
+        the host until the device catches up, every call): when the plan knows its calls per step, steps are
+        counted from calls and the step inputs are compared with the schedule on the device, read once — at the
+        run's last call, before its output is returned (or when the next run starts or on ``reset()``)."""
         index = self.program.step_index
-        if index is not None:
-            v = leaves[index]
-            t = float(v.reshape(-1)[0]) if isinstance(v, torch.Tensor) else float(v)
+        v = leaves[index] if index is not None else None
         me = threading.get_ident()
         if self._run_thread not in (None, me) and 0 <= self._tracker.step < self.plan.num_steps - 1:
             raise InputError("this OptimizedDenoiser is in the middle of a sampling run started by another thread: "
                              "its cache holds one run at a time — give each thread its own with .fork() (they "
                              "share the model and the step graphs), or call .reset() first")
+        if isinstance(v, torch.Tensor) and (v.device.type != "cpu" or self.sync_free) and self.plan.calls_per_step:
+            return self._advance_counting(v, me)
+        t = None
+        if v is not None:
+            t = float(v.reshape(-1)[0]) if isinstance(v, torch.Tensor) else float(v)
         step, branch, new_run = self._tracker.advance(t)
         if new_run:
             if step == 0 and self._stats["calls"]:
@@ -275,43 +331,112 @@ class OptimizedDenoiser(torch.nn.Module):
                              "re-optimize for this number of steps, or call .reset() between runs")
         want = self.plan.timesteps[step] if step < len(self.plan.timesteps) else None
         if t is not None and want is not None and not math.isclose(t, want, rel_tol=1e-3, abs_tol=1e-6):
-            self._tracker.reset()
-            self._clear_run_state()
-            shown = ", ".join(f"{x:g}" for x in self.plan.timesteps[:6] if x is not None)
-            raise InputError(
-                f"step {step}: the step input is {t:g}, but the plan was calibrated with {want:g} at this step (the "
-                f"calibrated schedule starts {shown}{', ...' if len(self.plan.timesteps) > 6 else ''}): another "
-                "scheduler, number of steps, shift or strength — re-optimize for this sampling setup")
+            self._refuse_schedule(step, t, want)
         return step, branch
 
+    def _refuse_schedule(self, step: int, t: float, want: float):
+        self._tracker.reset()
+        self._pending_t = []
+        self._clear_run_state()
+        shown = ", ".join(f"{x:g}" for x in self.plan.timesteps[:6] if x is not None)
+        raise InputError(
+            f"step {step}: the step input is {t:g}, but the plan was calibrated with {want:g} at this step (the "
+            f"calibrated schedule starts {shown}{', ...' if len(self.plan.timesteps) > 6 else ''}): another "
+            "scheduler, number of steps, shift or strength — re-optimize for this sampling setup (a run stopped "
+            "early must be followed by .reset())")
+
+    def _advance_counting(self, v: torch.Tensor, me: int) -> tuple[int, int]:
+        """Sync-free stepping: the ``calls_per_step`` of calibration map calls to steps; the step inputs are kept
+        (on the device) and checked against the schedule in one read at the run's last call."""
+        tracker, calls = self._tracker, self.plan.calls_per_step
+        last = self.plan.num_steps - 1
+        if tracker.step < 0 or (tracker.step == last and tracker.branch >= calls[last] - 1):
+            if tracker.step >= 0 or self._stats["calls"]:
+                self._verify_schedule()
+                self._end_run()
+            tracker.reset()
+            self._clear_run_state()
+            self._run_thread = me
+            tracker.step, tracker.branch = 0, 0
+        elif tracker.branch + 1 < calls[tracker.step]:
+            tracker.branch += 1
+        else:
+            tracker.step, tracker.branch = tracker.step + 1, 0
+        step, branch = tracker.step, tracker.branch
+        if branch == 0:
+            t = v.reshape(-1)[:1].to(torch.float32, copy=True)  # kept for the message; the sampler may reuse v
+            self._pending_t.append((step, t))
+            want, tol = self._schedule_on(t.device)
+            off = (t - want[step]).abs() - tol[step]  # > 0 (or NaN) off schedule
+            self._off = off if step == 0 or self._off is None else torch.maximum(self._off, off)
+            self._on_schedule = self._off <= 0  # NaN compares False
+        if step == last and branch == calls[last] - 1:
+            self._verify_schedule()  # the run's one read, before its last output is returned
+        return step, branch
+
+    def _schedule_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The calibrated step inputs and their tolerances (``math.isclose(rel_tol=1e-3, abs_tol=1e-6)``; unknown
+        steps accept anything) as float32 tensors on ``device`` — made once per device."""
+        cached = self._schedules.get(device)
+        if cached is None:
+            want = [w if w is not None else 0.0 for w in self.plan.timesteps]
+            want += [0.0] * (self.plan.num_steps - len(want))
+            tol = [max(1e-3 * abs(w), 1e-6) if i < len(self.plan.timesteps) and self.plan.timesteps[i] is not None
+                   else math.inf for i, w in enumerate(want)]
+            cached = self._schedules[device] = (torch.tensor(want, dtype=torch.float32, device=device),
+                                                torch.tensor(tol, dtype=torch.float32, device=device))
+        return cached
+
+    def _guard(self, flat: tuple, n_out: int) -> tuple:
+        """Sync-free stepping: the call's outputs become NaN once a step input of this run was off the calibrated
+        schedule (compared on the device, no read) — so a run that leaves the plan and ends before its last planned
+        call (where the schedule is read and a mismatch raises) can never return a silently wrong sample."""
+        ok = self._on_schedule
+        return tuple(torch.where(ok, x, math.nan) if i < n_out and isinstance(x, torch.Tensor)
+                     and x.is_floating_point() else x for i, x in enumerate(flat))
+
+    def _verify_schedule(self) -> None:
+        """Compare the step inputs kept by sync-free stepping with the calibrated schedule (one device→host read)."""
+        pending, self._pending_t = self._pending_t, []
+        if not pending:
+            return
+        values = torch.cat([t for _, t in pending]).tolist()
+        for (step, _), t in zip(pending, values):
+            want = self.plan.timesteps[step] if step < len(self.plan.timesteps) else None
+            if want is not None and not math.isclose(t, want, rel_tol=1e-3, abs_tol=1e-6):
+                self._refuse_schedule(step, t, want)
+
     def _run(self, call: StepCall, variant: Variant, acts: dict, tail: Sequence[torch.Tensor], store: bool,
-             keep: np.ndarray | None) -> tuple:
-        """Run one step graph: the call's leaves, then its named inputs (cache reads, coefficients, cut tensors,
-        the policies' inputs) in the graph's own order; store the points it writes."""
-        step, cache, device = call.step, call.cache, call.device
-        io = self.program.io(variant)
-        named: dict[str, torch.Tensor] = {}
-        for point_key, order in variant.reads:
-            entry = cache.get(point_key)
-            if entry is None or len(entry.steps) < order + 1:
-                raise PlanError(f"step {step} (branch {call.branch}) reads {point_key!r} but this run has not computed "
-                                f"it {order + 1} time(s) yet — was the run started mid-way? call .reset()")
-            d = entry.steps[-1] - entry.steps[-2] if len(entry.steps) > 1 else 1
-            for j, c in enumerate(forecast_coefficients(acts[point_key], step - entry.steps[-1], d), start=1):
-                named[coef_input(point_key, j)] = torch.tensor(c, dtype=torch.float32, device=device)
-            for i, factors in enumerate(entry.factors):
-                for j in range(order + 1):
-                    named[cache_input(point_key, i, j)] = factors[j]
-        for key, value in zip(variant.cut, tail):
-            named[cut_input(key)] = value
-        for key in variant.tokens:
-            entry = cache.get(key)
-            if entry is None:
-                raise PlanError(f"step {step} (branch {call.branch}) token-masks {key!r} before computing it once")
-            named[cache_input(key, 0, 0)] = entry.factors[0][0]
-        for policy in self._policies:
-            named.update(policy.inputs(call, variant))
-        inputs = list(call.leaves) + [named[k] for k in io["inputs"][len(call.leaves):]]
+             keep: np.ndarray | None, only: Sequence[str] | None = None) -> tuple:
+        """Run one step graph: the call's leaves, then its extra inputs (cache reads, forecast coefficients, cut
+        tensors, the policies' inputs) in the graph's own order — from a recipe made once per variant — and store
+        the points it writes."""
+        step, cache = call.step, call.cache
+        recipe = self._recipes.get(variant) or self._recipe(variant)
+        inputs = list(call.leaves)
+        extra = None
+        coefs: dict[str, list] = {}
+        for kind, point, a, b in recipe.inputs:
+            if kind == "cache":
+                entry = cache.get(point)
+                if entry is None or len(entry.steps) < recipe.orders[point] + 1:
+                    what = "token-masks" if point in variant.tokens else "reads"
+                    raise PlanError(f"step {step} (branch {call.branch}) {what} {point!r} but this run has not "
+                                    f"computed it {recipe.orders[point] + 1} time(s) yet — was the run started "
+                                    "mid-way? call .reset()")
+                inputs.append(entry.factors[a][b])
+            elif kind == "coef":
+                if point not in coefs:
+                    coefs[point] = self._coefficients(acts[point], cache[point], step, call.device)
+                inputs.append(coefs[point][a - 1])
+            elif kind == "cut":
+                inputs.append(tail[a])
+            else:  # an input a policy gives (token indices)
+                if extra is None:
+                    extra = {}
+                    for policy in self._policies:
+                        extra.update(policy.inputs(call, variant))
+                inputs.append(extra[point])
         fresh = self._compiled is not None and variant not in self._compiled.fns
         start = time.perf_counter()
         with torch.no_grad():
@@ -321,31 +446,71 @@ class OptimizedDenoiser(torch.nn.Module):
         if self._compiler is not None and self._compiler.cuda_graphs:
             flat = tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in flat)  # replays reuse buffers
         if store:
-            produced = dict(zip(io["outputs"], flat))
-            for point_key in variant.writes:
-                point = self.program.points[point_key]
-                if point.kind == "signal":
-                    continue
-                values = [produced[write_output(point_key, i)] for i in range(len(point.nodes))]
-                self._store.store(call.branch, point_key, values, step, keep)
+            for point, indices in recipe.writes:
+                if only is None or point in only:
+                    self._store.store(call.branch, point, [flat[i] for i in indices], step, keep)
         return flat
+
+    def _recipe(self, variant: Variant) -> _Recipe:
+        """How to feed and read ``variant``'s graph: its extra inputs in order (parsed from their names) and the
+        output positions of the points it stores."""
+        io = self.program.io(variant)
+        inputs = []
+        for name in io["inputs"]:
+            if name.startswith("input:"):
+                continue
+            kind, *rest = parse_input(name)
+            if kind == "cache":
+                inputs.append(("cache", rest[0], rest[1], rest[2]))
+            elif kind == "coef":
+                inputs.append(("coef", rest[0], rest[1], None))
+            elif kind == "cut":
+                inputs.append(("cut", rest[0], variant.cut.index(rest[0]), None))
+            else:
+                inputs.append(("policy", name, None, None))
+        orders = dict(variant.reads)
+        orders.update({k: 0 for k in variant.tokens})
+        position = {name: i for i, name in enumerate(io["outputs"])}
+        writes = []
+        for point in variant.writes:
+            p = self.program.points[point]
+            if p.kind != "signal":
+                writes.append((point, [position[write_output(point, i)] for i in range(len(p.nodes))]))
+        recipe = self._recipes[variant] = _Recipe(inputs, orders, writes)
+        return recipe
+
+    def _coefficients(self, action: str, entry, step: int, device) -> list[torch.Tensor]:
+        """The forecast coefficients of ``action`` at ``step`` (from the point's computing steps), as float32
+        tensors on ``device`` — made once per distinct (action, distance, spacing, device)."""
+        k = step - entry.steps[-1]
+        d = entry.steps[-1] - entry.steps[-2] if len(entry.steps) > 1 else 1
+        key = (action, k, d, device)
+        cached = self._coef_tensors.get(key)
+        if cached is None:
+            values = forecast_coefficients(action, k, d)
+            cached = self._coef_tensors[key] = [torch.tensor(c, dtype=torch.float32, device=device) for c in values]
+        return cached
 
     # -- compilation --------------------------------------------------------------------------------------------
     def compile(self, backend: str | Callable = "inductor", *, mode: str | None = None, cuda_graphs: bool = False,
-                options: dict | None = None, progress: bool = False) -> OptimizedDenoiser:
+                options: dict | None = None, progress: bool = False, regional: str | None = None) -> OptimizedDenoiser:
         """Compile every step graph with ``torch.compile(fullgraph=True, dynamic=False)`` and ``backend`` (a
         torch.compile backend name or callable; ``"tensorrt"`` = torch-tensorrt). Each variant is one static graph:
         the cache enters and leaves as ordinary inputs and outputs, so a sampling run after warm-up triggers no graph
         break and no recompilation (one compiled graph per variant). ``cuda_graphs=True`` (inductor, CUDA only)
         captures each variant in a CUDA graph (``mode="reduce-overhead"``); outputs are copied out of the graph's
         static buffers before they are cached. Gate decisions, token selection and the CFG cache's FFT run between
-        the compiled graphs. torch.compile compiles each graph on its first call (during the first sampling run);
-        each compilation is logged with its time, and ``progress=True`` shows a bar over the step graphs. Returns
-        ``self``."""
+        the compiled graphs. ``regional="blocks"`` (the default without CUDA graphs) hands the compiler each distinct
+        block once — identical blocks of every stack and step graph share one compiled region — so compiling a deep
+        model costs a few blocks, not all of them (``"nested"``: the step compiled whole with blocks as nested
+        compile regions; ``"graph"``, the default with CUDA graphs: the step graph compiled inlined, one capture per
+        step). torch.compile compiles each graph on its first call (during
+        the first sampling run); each compilation is logged with its time, and ``progress=True`` shows a bar over
+        the step graphs. Returns ``self``."""
         if not isinstance(progress, bool):
             raise InputError(f"progress must be True or False, got {progress!r}")
-        self._compiler = Compiler.make(backend, mode, cuda_graphs, options, self._model)
-        self._compiled = CompiledGraphs(self._compiler, progress)
+        self._compiler = Compiler.make(backend, mode, cuda_graphs, options, self._model, regional)
+        self._compiled = CompiledGraphs(self._compiler, progress, blocks=self.traced.blocks if self.bound else ())
         return self
 
     def _callable(self, variant: Variant):
@@ -358,6 +523,12 @@ class OptimizedDenoiser(torch.nn.Module):
     def compiled_variants(self) -> int:
         """How many step graphs have been compiled so far (0 when not compiled)."""
         return len(self._compiled.fns) if self._compiled is not None else 0
+
+    @property
+    def compiled_regions(self) -> int:
+        """How many distinct blocks (regions) the step graphs share so far (``regional`` = ``"blocks"`` or
+        ``"nested"``; 0 otherwise)."""
+        return len(self._compiled.regions) if self._compiled is not None else 0
 
     # -- views ----------------------------------------------------------------------------------------------------
     @property
@@ -413,8 +584,9 @@ class OptimizedDenoiser(torch.nn.Module):
             twin._store = CacheStore(self.program.max_order)
         if self._compiler is not None:
             twin._compiler = self._compiler
-            shared = None if self._compiler.cuda_graphs else self._compiled.fns
-            twin._compiled = CompiledGraphs(self._compiler, False, shared)
+            own = self._compiler.cuda_graphs  # CUDA graphs' static buffers belong to one caller
+            twin._compiled = CompiledGraphs(self._compiler, False, None if own else self._compiled.fns,
+                                            self._compiled.blocks, None if own else self._compiled.regions)
         return twin
 
     def __getattr__(self, name):

@@ -32,7 +32,7 @@ from fxcache.passes import AnnotateNodes, run_passes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TracedDenoiser", "describe_key_change", "trace", "trace_call"]
+__all__ = ["CallSignature", "FastBinder", "TracedDenoiser", "describe_key_change", "trace", "trace_call"]
 
 _LEAF_TYPES = (torch.Tensor, type(None), bool, int, float, str, torch.dtype, torch.device, torch.memory_format)
 _MAX_SHAPE_VARIANTS = 8
@@ -99,6 +99,27 @@ class CallSignature:
                     "fxcache captures tensors, numbers, strings, None and lists/tuples/dicts of them"
                     + (" (convert the array with torch.from_numpy)" if type(leaf).__module__ == "numpy" else ""))
 
+    def binder(self, args: tuple, kwargs: dict) -> FastBinder | None:
+        """A binder for calls laid out like this one (same number of positional arguments, same keyword names in
+        the same order) that skips ``inspect`` binding; ``None`` for signatures with ``*args``/``**kwargs``."""
+        if any(p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+               for p in self.params.values()):
+            return None
+        bound = self.sig.bind(*args, **kwargs)
+        sources = []
+        for i, (name, param) in enumerate(self.params.items()):
+            if i < len(args):
+                src = ("arg", i)
+            elif name in kwargs:
+                src = ("kw", name)
+            else:
+                src = ("default", param.default)
+            if name not in bound.arguments and src[0] != "default":
+                return None
+            sources.append((name, param.kind is inspect.Parameter.POSITIONAL_ONLY, name in self.tensor_params,
+                            src))
+        return FastBinder(self, sources)
+
     @staticmethod
     def key(args: tuple, kwargs: dict) -> tuple:
         """What a captured graph is specialised on: tensor shapes/dtypes/devices and every non-tensor value."""
@@ -109,6 +130,42 @@ class CallSignature:
             else:
                 parts.append((_compat.keystr(path), repr(leaf)))
         return tuple(parts)
+
+
+class FastBinder:
+    """Turns a call of one layout straight into the graph's flat inputs (see :meth:`CallSignature.binder`): the
+    same normalisation as :meth:`CallSignature.bind` — defaults applied, numbers where a tensor is accepted made
+    tensors on the model's device, ``return_dict`` forced — without ``inspect``. :meth:`matches` says whether a
+    call's leaves are what the graph was made for (shapes, dtypes, devices, constants)."""
+
+    def __init__(self, signature: CallSignature, sources: list):
+        self.signature = signature
+        self.sources = sources
+        self.accepted: tuple | None = None  # descriptors of the leaves the graph takes
+
+    def leaves(self, args: tuple, kwargs: dict) -> tuple[list, bool]:
+        """``(flat leaves, return_dict asked for)``."""
+        out: list = []
+        want_dict = True
+        for name, _, tensor_param, (kind, src) in self.sources:
+            value = args[src] if kind == "arg" else kwargs[src] if kind == "kw" else src
+            if name == "return_dict" and self.signature.has_return_dict:
+                want_dict = bool(value)
+                value = True
+            if tensor_param and isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = torch.tensor(value, device=device_of(self.signature.model))
+            if isinstance(value, (list, tuple, dict)):
+                out.extend(_compat.pytree.tree_leaves(value))
+            else:
+                out.append(value)
+        return out, want_dict
+
+    @staticmethod
+    def describe(leaves: list) -> tuple:
+        return tuple((x.shape, x.dtype, x.device) if isinstance(x, torch.Tensor) else (type(x), x) for x in leaves)
+
+    def matches(self, leaves: list) -> bool:
+        return self.accepted is not None and self.describe(leaves) == self.accepted
 
 
 def describe_key_change(old: tuple, new: tuple) -> str:

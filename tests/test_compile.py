@@ -17,10 +17,10 @@ from fxcache.testing.samplers import zoo_sampler
 pytest.importorskip("diffusers")
 
 
-def _compiled_twice(opt, smp, backend="aot_eager"):
+def _compiled_twice(opt, smp, backend="aot_eager", regional="blocks"):
     """Eager plan output, then the compiled plan run twice (the second under error_on_recompile)."""
     eager = seeded_run(opt, smp, 3)
-    opt.compile(backend)
+    opt.compile(backend, regional=regional)
     counters = dynamo_counters()
     counters.clear()
     first = seeded_run(opt, smp, 3)
@@ -32,28 +32,61 @@ def _compiled_twice(opt, smp, backend="aot_eager"):
     return eager, first, second, graphs
 
 
+def _outlined_blocks(opt) -> int:
+    """Blocks the plan's step graphs call as regions (each variant counts its own)."""
+    from fxcache.passes.outline_blocks import REGIONS_META
+
+    return sum(len(fn.meta[REGIONS_META]["blocks"]) for fn in opt._compiled.fns.values()
+               if isinstance(fn, torch.fx.GraphModule))
+
+
 @pytest.mark.parametrize("name,method", [
     ("dit", TaylorSeer(interval=3, order=2)), ("flux", FORA(interval=3)), ("wan", TaylorSeer(interval=3)),
     ("unet2d_condition", FORA(interval=2)), ("pixart", ToCa(interval=3)),
 ])
-def test_static_plan_compiles_once_per_variant_without_breaks(name, method):
+def test_static_plan_compiles_each_distinct_block_once_without_breaks(name, method):
+    """The default (regional="blocks"): identical blocks of a stack share one compiled region, the rest of the
+    step runs around them; fullgraph regions, no break, no recompilation in a second run, the eager plan's output."""
     model = zoo.build(name)[0]
     smp = zoo_sampler(name, steps=8, cfg="separate")
     opt = fxcache.optimize(model, [3], sampler=smp, method=method, progress=False)
     eager, first, second, graphs = _compiled_twice(opt, smp)
-    assert graphs == len(opt.variants) == opt.compiled_variants  # one compiled graph per step variant
+    assert opt.compiled_variants == len(opt.variants)
+    regions, blocks = opt.compiled_regions, _outlined_blocks(opt)
+    assert 0 < regions <= blocks
+    if name in ("dit", "flux", "pixart"):  # stacks of identical blocks: fewer regions than blocks
+        assert regions < blocks
+    # one graph per region, a second one where a block's inputs differ in strides (views of the block before)
+    assert regions <= graphs <= 2 * regions
     torch.testing.assert_close(first, eager, rtol=1e-6, atol=1e-6)
     assert torch.equal(first, second)
 
 
-def test_gated_plan_compiles_its_prefix_and_suffix_graphs():
+@pytest.mark.parametrize("regional", ["graph", "nested"])
+def test_whole_step_compilation_modes(regional):
+    """regional="graph": each step graph compiled whole, inlined; "nested": whole, its blocks nested compile
+    regions. Both: one compiled program per variant."""
+    model = zoo.build("flux")[0]
+    smp = zoo_sampler("flux", steps=8, cfg="separate")
+    opt = fxcache.optimize(model, [3], sampler=smp, method=FORA(interval=3), progress=False)
+    eager, first, second, graphs = _compiled_twice(opt, smp, regional=regional)
+    assert graphs == len(opt.variants) == opt.compiled_variants
+    assert (opt.compiled_regions > 0) == (regional == "nested")
+    torch.testing.assert_close(first, eager, rtol=1e-6, atol=1e-6)
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("regional", ["graph", "blocks"])
+def test_gated_plan_compiles_its_prefix_and_suffix_graphs(regional):
     """FBCache: the prefix graph, the computing suffix and the cached suffix are separate static graphs; the
     per-step decision runs between them, outside any compiled graph."""
     model, smp = dit(), sampler("euler", steps=10, cfg="separate")
     opt = fxcache.optimize(model, [3], sampler=smp, method=FBCache(threshold=0.3), progress=False)
-    eager, first, _second, graphs = _compiled_twice(opt, smp)
+    eager, first, _second, graphs = _compiled_twice(opt, smp, regional=regional)
     assert 0 < opt.stats()["full_steps"] < opt.stats()["steps"]  # it did skip
-    assert graphs == opt.compiled_variants <= len(opt.variants)
+    assert opt.compiled_variants <= len(opt.variants)
+    if regional == "graph":
+        assert graphs == opt.compiled_variants
     torch.testing.assert_close(first, eager, rtol=1e-6, atol=1e-6)
 
 
@@ -74,7 +107,7 @@ def test_inductor_on_cpu_matches_eager():
     model, smp = dit(), sampler("euler", steps=6, cfg="none")
     opt = fxcache.optimize(model, [3], sampler=smp, method=FORA(interval=3), progress=False)
     eager, first, _second, graphs = _compiled_twice(opt, smp, backend="inductor")
-    assert graphs == len(opt.variants)
+    assert opt.compiled_variants == len(opt.variants) and 0 < opt.compiled_regions <= graphs
     torch.testing.assert_close(first, eager, rtol=1e-4, atol=1e-4)
 
 

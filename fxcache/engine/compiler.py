@@ -12,24 +12,38 @@ import torch
 
 from fxcache.devices import device_of
 from fxcache.errors import InputError
+from fxcache.ir import copy_graph_module
+from fxcache.passes import OutlineBlocks, run_passes
+from fxcache.passes.outline_blocks import REGIONS_META
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CompiledGraphs", "Compiler"]
+__all__ = ["REGIONAL", "CompiledGraphs", "Compiler"]
+
+
+#: how a step graph reaches the compiler: ``"blocks"`` (default) — outlined (:class:`~fxcache.passes.OutlineBlocks`),
+#: each distinct block compiled once and shared by every block, step graph and variant of the plan, the rest of the
+#: step around it running as generated code; ``"nested"`` — outlined, the whole step compiled as one program whose
+#: blocks are ``torch.compiler.nested_compile_region`` calls; ``"graph"`` — the whole step graph compiled inlined
+REGIONAL = ("blocks", "nested", "graph")
 
 
 @dataclasses.dataclass(frozen=True)
 class Compiler:
-    """How step graphs are compiled: ``torch.compile(graph, backend, fullgraph=True, dynamic=False, ...)``."""
+    """How step graphs are compiled: ``torch.compile(graph, backend, fullgraph=True, dynamic=False, ...)``, per
+    ``regional`` (:data:`REGIONAL`)."""
 
     backend: str | Callable
     mode: str | None
     cuda_graphs: bool
     options: dict | None
+    regional: str = "blocks"
 
     @classmethod
-    def make(cls, backend, mode, cuda_graphs: bool, options, model) -> Compiler:
-        """Check the arguments (before any long work) and make the compiler; ``model`` is the denoiser."""
+    def make(cls, backend, mode, cuda_graphs: bool, options, model, regional: str | None = None) -> Compiler:
+        """Check the arguments (before any long work) and make the compiler; ``model`` is the denoiser.
+        ``regional=None``: ``"graph"`` with CUDA graphs (one capture per step: the fewest launches), else
+        ``"blocks"``."""
         if backend == "tensorrt":
             if importlib.util.find_spec("torch_tensorrt") is None:
                 raise InputError("backend='tensorrt' needs the torch-tensorrt package, which is not installed: "
@@ -55,21 +69,44 @@ class Compiler:
             device = device_of(model)
             if device.type != "cuda":
                 raise InputError(f"cuda_graphs=True needs the model on a CUDA device; its parameters are on {device}")
-        return cls(backend, mode, cuda_graphs, options)
+        if regional is None:
+            regional = "graph" if cuda_graphs else "blocks"
+        if regional not in REGIONAL:
+            raise InputError(f"regional must be one of {REGIONAL}, got {regional!r}")
+        return cls(backend, mode, cuda_graphs, options, regional)
 
-    def __call__(self, gm: torch.fx.GraphModule) -> Callable:
+    def compile_fn(self, fn) -> Callable:
         kwargs = {"options": self.options} if self.options else {"mode": self.mode} if self.mode else {}
-        return torch.compile(gm, backend=self.backend, fullgraph=True, dynamic=False, **kwargs)
+        return torch.compile(fn, backend=self.backend, fullgraph=True, dynamic=False, **kwargs)
+
+    def __call__(self, gm: torch.fx.GraphModule, blocks=(), regions: dict | None = None) -> Callable:
+        """The compiled step graph ``gm``; ``blocks`` (module paths) and ``regions`` (shared across a plan's
+        graphs) for the regional modes."""
+        if self.regional != "graph" and blocks:
+            wrap = self.compile_fn if self.regional == "blocks" else _nested
+            outlined = run_passes(copy_graph_module(gm), [OutlineBlocks(blocks, wrap, regions,
+                                                                      aliasing_inputs=self.regional == "blocks")])
+            if outlined.meta[REGIONS_META]["blocks"]:
+                return outlined if self.regional == "blocks" else self.compile_fn(outlined)
+        return self.compile_fn(gm)
+
+
+def _nested(fn):
+    return torch.compiler.nested_compile_region(fn)
 
 
 class CompiledGraphs:
     """The compiled callables of one program's step graphs (made lazily: torch.compile compiles on the first
     call). ``shared`` callables may come from another denoiser (a fork), unless they capture CUDA graphs."""
 
-    def __init__(self, compiler: Compiler, progress: bool = False, shared: dict | None = None):
+    def __init__(self, compiler: Compiler, progress: bool = False, shared: dict | None = None,
+                 blocks=(), regions: dict | None = None):
         self.compiler = compiler
         self.progress = progress
         self.fns: dict = shared if shared is not None else {}
+        self.blocks = tuple(blocks)
+        #: the distinct blocks compiled so far (structural signature -> region), shared by all step graphs
+        self.regions: dict = regions if regions is not None else {}
         self._bar = None
 
     def get(self, variant, gm) -> tuple[Callable, bool]:
@@ -77,7 +114,7 @@ class CompiledGraphs:
         fn = self.fns.get(variant)
         fresh = fn is None
         if fresh:
-            fn = self.fns[variant] = self.compiler(gm)
+            fn = self.fns[variant] = self.compiler(gm, self.blocks, self.regions)
         if self.compiler.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         return fn, fresh

@@ -35,11 +35,14 @@ class StepProgram(torch.nn.Module):
         self.variants = torch.nn.ModuleDict()
         self.graphs: dict[Variant, torch.fx.GraphModule] = {}
         self.flops: dict[Variant, int] = {}
-        self.variant_of_step: list[Variant] = []
-        for s in range(plan.num_steps):
-            v = self.static_variant(s)
+        wanted = [self.static_variant(s) for s in range(plan.num_steps)]
+        #: the graph each step runs: a step's own variant, or a wider one that computes the same and writes more
+        #: (writes are free outputs) — so a plan has one full-size graph where its steps differ only in writes
+        self.variant_of_step: list[Variant] = [self.widest(v, wanted) for v in wanted]
+        #: what each step stores (its own variant's writes; a wider graph's extra outputs are not stored)
+        self.writes_of_step: list[tuple[str, ...]] = [v.writes for v in wanted]
+        for v in self.variant_of_step:
             self.add(v)
-            self.variant_of_step.append(v)
         # the uncached baseline is the full graph after the same dead-code elimination the variants get
         full = self.graphs.get(Variant()) or self._specialize(Variant())
         self.full_flops = executed_flops(full)
@@ -62,6 +65,15 @@ class StepProgram(torch.nn.Module):
         writes = tuple(sorted(set(plan.writes_at(step)) | set(token_points)))
         reads = tuple(sorted((k, order_of(a)) for k, a in acts.items() if is_forecast(a)))
         return Variant(writes=writes, reads=reads, tokens=token_points, num_tokens=self._num_tokens(token_points))
+
+    @staticmethod
+    def widest(variant: Variant, candidates) -> Variant:
+        """Among ``candidates`` computing what ``variant`` computes (same reads, tokens, part and cut) and writing
+        at least its writes, the one writing the most (``variant`` itself when none writes more)."""
+        same = [c for c in candidates if (c.reads, c.tokens, c.num_tokens, c.part, c.cut)
+                == (variant.reads, variant.tokens, variant.num_tokens, variant.part, variant.cut)
+                and set(variant.writes) <= set(c.writes)]
+        return max(same, key=lambda c: (len(c.writes), c.writes), default=variant)
 
     def _num_tokens(self, token_points) -> tuple[tuple[int, int], ...]:
         if not token_points:

@@ -11,8 +11,10 @@ values first. The record of both lists lives in ``graph_module.meta[IO_META]``.
 
 from __future__ import annotations
 
+import re
+
 __all__ = ["IO_META", "PASSES_META", "VARIANT_META", "cache_input", "coef_input", "cut_input", "cut_output",
-           "token_index_input",
+           "parse_input", "token_index_input",
            "write_output"]
 
 #: ``gm.meta[IO_META]``: ``{"inputs": [names], "outputs": [names], "num_model_outputs": int, "out_spec": ...,
@@ -52,3 +54,21 @@ def cut_output(node: str) -> str:
 def write_output(point: str, tensor: int) -> str:
     """Tensor ``tensor`` of ``point``, output for the cache."""
     return f"write:{point}[{tensor}]"
+
+
+_CACHE = re.compile(r"^cache:(?P<point>.+)\[(?P<tensor>\d+)\]\.d(?P<factor>\d+)$")
+_COEF = re.compile(r"^coef:(?P<point>.+)\.c(?P<j>\d+)$")
+
+
+def parse_input(name: str) -> tuple:
+    """What a step graph's extra input is: ``("cache", point, tensor, factor)``, ``("coef", point, j)``,
+    ``("tokens", num_tokens)`` or ``("cut", node)``."""
+    if m := _CACHE.match(name):
+        return "cache", m["point"], int(m["tensor"]), int(m["factor"])
+    if m := _COEF.match(name):
+        return "coef", m["point"], int(m["j"])
+    if name.startswith("tokens:index:"):
+        return "tokens", int(name[len("tokens:index:"):])
+    if name.startswith("cut:"):
+        return "cut", name[len("cut:"):]
+    raise ValueError(f"not a step-graph input name: {name!r}")

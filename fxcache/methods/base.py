@@ -50,6 +50,17 @@ class PlanContext:
             raise InputError(needs)
         return traced
 
+    def calls_per_step(self) -> list[int]:
+        """Denoiser calls per step in the profile's first calibration run ([] without a profile)."""
+        calls = getattr(self.profile, "calls", None)
+        if not calls:
+            return []
+        counts = [0] * self.num_steps
+        for c in calls:
+            if c["prompt"] == 0 and 0 <= c["step"] < self.num_steps:
+                counts[c["step"]] += 1
+        return counts if all(counts) else []
+
     def signal_points(self) -> list[CachePoint]:
         if self.signals:
             return list(self.signals)
@@ -96,7 +107,7 @@ class Method:
         self.check(ctx)
         steps = self.schedule(ctx)
         return Plan(fingerprint=ctx.fingerprint, num_steps=ctx.num_steps, steps=steps, method=type(self).__name__,
-                    params=self.params(), timesteps=list(ctx.timesteps))
+                    params=self.params(), timesteps=list(ctx.timesteps), calls_per_step=ctx.calls_per_step())
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())

@@ -51,23 +51,25 @@ class GatePolicy(RuntimePolicy):
         anchors = [k for k in (*signal.nodes, *signal.bases) if k is not None]
         cut = tuple(prefix_cut(program.source, anchors))
         skip_reads = tuple(sorted((k, 0) for k in gate.skip))
-        self.variants: dict[int, tuple[Variant, Variant, Variant]] = {}
-        for s in range(self.plan.num_steps):
-            if self.plan.actions(s):
-                continue
-            writes = tuple(self.plan.writes_at(s))
-            prefix = Variant(writes=(signal.key,), part="prefix", cut=cut)
-            compute = Variant(writes=writes, part="suffix", cut=cut)
-            skip = Variant(writes=tuple(w for w in writes if w not in gate.skip), reads=skip_reads, part="suffix",
-                           cut=cut)
+        steps = [s for s in range(self.plan.num_steps) if not self.plan.actions(s)]
+        prefix = Variant(writes=(signal.key,), part="prefix", cut=cut)
+        computes = {s: Variant(writes=tuple(self.plan.writes_at(s)), part="suffix", cut=cut) for s in steps}
+        skips = {s: Variant(writes=tuple(w for w in computes[s].writes if w not in gate.skip), reads=skip_reads,
+                            part="suffix", cut=cut) for s in steps}
+        # each step runs the widest suffix that computes what it needs (writes are free outputs: one suffix graph
+        # of each kind where the steps differ only in what they store), storing only its own writes
+        self.variants: dict[int, tuple[Variant, Variant, Variant, tuple, tuple]] = {}
+        for s in steps:
+            compute = program.widest(computes[s], list(computes.values()))
+            skip = program.widest(skips[s], list(skips.values()))
             for v in (prefix, compute, skip):
                 program.add(v)
-            self.variants[s] = (prefix, compute, skip)
+            self.variants[s] = (prefix, compute, skip, computes[s].writes, skips[s].writes)
 
     def step(self, call):
         if self.plan.actions(call.step):
             return None  # a step with static actions runs as planned
-        prefix, compute, skip = self.variants[call.step]
+        prefix, compute, skip, compute_writes, skip_writes = self.variants[call.step]
         pre = call.run(prefix, {}, store=False)
         n_cut = call.io(prefix)["num_cut_outputs"]
         cut, signal = list(pre[:n_cut]), list(pre[n_cut:])
@@ -77,14 +79,14 @@ class GatePolicy(RuntimePolicy):
         skip_acts = dict(self.spec.skip)
         call.count(prefix, cached=False, part=True)
         if skip_mask.all():
-            flat = call.run(skip, skip_acts, tail=cut)
+            flat = call.run(skip, skip_acts, tail=cut, only=skip_writes)
             call.count(skip, cached=True)
         elif not skip_mask.any():
-            flat = call.run(compute, {}, tail=cut)
+            flat = call.run(compute, {}, tail=cut, only=compute_writes)
             call.count(compute, cached=False)
         else:
             read = call.run(skip, skip_acts, tail=cut, store=False)
-            full = call.run(compute, {}, tail=cut, keep=skip_mask)
+            full = call.run(compute, {}, tail=cut, keep=skip_mask, only=compute_writes)
             flat = tuple(where_batch(skip_mask, r, f) for r, f in zip(read, full))
             call.count(compute, cached=False)
             call.count(skip, cached=True, part=True)

@@ -40,11 +40,12 @@ def valid_plans(draw, keys, num_steps_max=8):
                 computed[k] += 1
         steps.append(acts)
     timesteps = [float(1000 - 1000 * s / n) for s in range(n)]
+    calls = draw(st.sampled_from([[], [1] * n, [2] * n]))  # unknown, or one / two (CFG) calls per step
     return {"format": "fxcache.plan", "version": FORMAT_VERSION, "fingerprint": "f" * 16, "num_steps": n,
             "steps": steps,
             "method": "property", "params": {}, "model": "DiTTransformer2DModel", "timesteps": timesteps,
             "gate": None, "cfg_cache": None, "layer_adaptive": None, "tokens": None, "extra_points": [],
-            "weights": ""}
+            "weights": "", "calls_per_step": calls}
 
 
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-5, 99) | st.floats(allow_nan=False)
