@@ -9,6 +9,7 @@ and outputs, ready for torch.compile or export.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 
 import torch.fx
@@ -46,7 +47,7 @@ class Variant:
     tokens: tuple[str, ...] = ()
     num_tokens: tuple[tuple[int, int], ...] = ()  # (token count N, fresh tokens k) per group
 
-    @property
+    @functools.cached_property  # noqa: B019 — a frozen value: computed once per variant, read at every call
     def name(self) -> str:
         if self.part == "prefix":
             return f"gate-prefix+write[{len(self.writes)}]"

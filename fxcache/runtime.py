@@ -55,12 +55,11 @@ class StepCall:
     """One denoiser call as the policies see it: where it is (``step``, ``branch``), its flat inputs
     (``leaves``), this branch's ``cache``, and the operations on the step program."""
 
-    def __init__(self, denoiser: OptimizedDenoiser, step: int, branch: int, leaves: list):
-        self.denoiser, self.step, self.branch, self.leaves = denoiser, step, branch, leaves
+    def __init__(self, denoiser: OptimizedDenoiser, step: int, branch: int, leaves: list, device: torch.device):
+        self.denoiser, self.step, self.branch, self.leaves, self.device = denoiser, step, branch, leaves, device
         self.plan: Plan = denoiser.plan
         self.program: StepProgram = denoiser.program
         self.cache = denoiser._store.branch(branch)
-        self.device = next((x.device for x in leaves if isinstance(x, torch.Tensor)), torch.device("cpu"))
 
     def run(self, variant: Variant, actions: dict, tail: Sequence[torch.Tensor] = (), store: bool = True,
             keep: np.ndarray | None = None, only: Sequence[str] | None = None) -> tuple:
@@ -163,6 +162,9 @@ class OptimizedDenoiser(torch.nn.Module):
         for policy in self._policies:
             policy.prepare(self.program)
         self._store = CacheStore(self.program.max_order)
+        # submodules are found through nn.Module.__getattr__ (slow, several times per call): mirror them in the
+        # instance dict, where attribute lookup finds them first (assigning either again drops the mirror)
+        self.__dict__["traced"], self.__dict__["program"] = traced, self.program
         if self._compiled is not None and not self._compiled.blocks:
             self._compiled.blocks = tuple(traced.blocks)
 
@@ -246,15 +248,18 @@ class OptimizedDenoiser(torch.nn.Module):
         binder = self._binders.get((len(user_args), tuple(user_kwargs)))
         if binder is not None:
             leaves, want_dict = binder.leaves(user_args, user_kwargs)
-            if not binder.matches(leaves):
+            if binder.matches(leaves):
+                device = binder.device
+            else:
                 binder = None
         if binder is None:
             bound = self._bind_slowly(user_args, user_kwargs)
             if not isinstance(bound, tuple):
                 return bound  # a call the plan does not cover, answered by the traced model
             leaves, want_dict = bound
+            device = next((x.device for x in leaves if isinstance(x, torch.Tensor)), torch.device("cpu"))
         step, branch = self._advance(leaves)
-        call = StepCall(self, step, branch, leaves)
+        call = StepCall(self, step, branch, leaves, device)
         result = next((r for r in (p.answer(call) for p in self._policies) if r is not None), None)
         if result is not None:
             flat, n_out, out_spec = result
@@ -294,7 +299,7 @@ class OptimizedDenoiser(torch.nn.Module):
         if binder is not None:
             fast, fast_dict = binder.leaves(user_args, user_kwargs)
             if FastBinder.describe(fast) == FastBinder.describe(leaves) and fast_dict == want_dict:
-                binder.accepted = FastBinder.describe(leaves)
+                binder.accept(leaves)
                 self._binders[(len(user_args), tuple(user_kwargs))] = binder
         return leaves, want_dict
 
@@ -318,7 +323,7 @@ class OptimizedDenoiser(torch.nn.Module):
             return self._advance_counting(v, me)
         t = None
         if v is not None:
-            t = float(v.reshape(-1)[0]) if isinstance(v, torch.Tensor) else float(v)
+            t = float(v if not isinstance(v, torch.Tensor) or v.numel() == 1 else v.reshape(-1)[0])
         step, branch, new_run = self._tracker.advance(t)
         if new_run:
             if step == 0 and self._stats["calls"]:

@@ -141,20 +141,26 @@ class FastBinder:
     def __init__(self, signature: CallSignature, sources: list):
         self.signature = signature
         self.sources = sources
+        #: per parameter: (0 positional / 1 keyword / 2 default, index, key or value, special) — special: 1 for
+        #: return_dict, 2 for a tensor parameter that may receive a number, 0 otherwise
+        self._plan = [(0 if kind == "arg" else 1 if kind == "kw" else 2, src,
+                       1 if name == "return_dict" and signature.has_return_dict else 2 if tensor_param else 0)
+                      for name, _, tensor_param, (kind, src) in sources]
         self.accepted: tuple | None = None  # descriptors of the leaves the graph takes
+        self.device: torch.device | None = None  # of the first tensor leaf
 
     def leaves(self, args: tuple, kwargs: dict) -> tuple[list, bool]:
         """``(flat leaves, return_dict asked for)``."""
         out: list = []
         want_dict = True
-        for name, _, tensor_param, (kind, src) in self.sources:
-            value = args[src] if kind == "arg" else kwargs[src] if kind == "kw" else src
-            if name == "return_dict" and self.signature.has_return_dict:
-                want_dict = bool(value)
-                value = True
-            if tensor_param and isinstance(value, (int, float)) and not isinstance(value, bool):
-                value = torch.tensor(value, device=device_of(self.signature.model))
-            if isinstance(value, (list, tuple, dict)):
+        for kind, src, special in self._plan:
+            value = args[src] if kind == 0 else kwargs[src] if kind == 1 else src
+            if special:
+                if special == 1:
+                    want_dict, value = bool(value), True
+                elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                    value = torch.tensor(value, device=device_of(self.signature.model))
+            if type(value) in _CONTAINERS:
                 out.extend(_compat.pytree.tree_leaves(value))
             else:
                 out.append(value)
@@ -164,8 +170,25 @@ class FastBinder:
     def describe(leaves: list) -> tuple:
         return tuple((x.shape, x.dtype, x.device) if isinstance(x, torch.Tensor) else (type(x), x) for x in leaves)
 
+    def accept(self, leaves: list) -> None:
+        """Take calls whose leaves are like ``leaves`` (already checked against the traced call)."""
+        self.accepted = self.describe(leaves)
+        self.device = next((x.device for x in leaves if isinstance(x, torch.Tensor)), torch.device("cpu"))
+
     def matches(self, leaves: list) -> bool:
-        return self.accepted is not None and self.describe(leaves) == self.accepted
+        accepted = self.accepted
+        if accepted is None or len(leaves) != len(accepted):
+            return False
+        for x, want in zip(leaves, accepted):
+            if isinstance(x, torch.Tensor):
+                if x.shape != want[0] or x.dtype is not want[1] or x.device != want[2]:
+                    return False
+            elif (type(x), x) != want:
+                return False
+        return True
+
+
+_CONTAINERS = (list, tuple, dict)
 
 
 def describe_key_change(old: tuple, new: tuple) -> str:
