@@ -245,13 +245,15 @@ def run(args) -> dict:
         probe = kwargs(x0, torch.tensor(0.5, device=device))
     full_call = timed(lambda: model(**probe), device, 10, warmup=2)[0]
     record("uncached eager", lambda: loop(model), ideal=full_call * args.steps, calls=args.steps)
-    compiled = torch.compile(model, backend=backend)
-    ready = first_run(lambda: loop(compiled), device)
-    compiled_call = timed(lambda: compiled(**probe), device, 10, warmup=2)[0]
-    base = record(f"uncached torch.compile ({backend})", lambda: loop(compiled), ideal=compiled_call * args.steps,
-                  calls=args.steps, build_s=ready)
-    del compiled
-    _uncompile(model)
+    base = rows[-1]
+    if not args.no_uncached_compile:
+        compiled = torch.compile(model, backend=backend)
+        ready = first_run(lambda: loop(compiled), device)
+        compiled_call = timed(lambda: compiled(**probe), device, 10, warmup=2)[0]
+        base = record(f"uncached torch.compile ({backend})", lambda: loop(compiled),
+                      ideal=compiled_call * args.steps, calls=args.steps, build_s=ready)
+        del compiled
+        _uncompile(model)
     if "diffusers" in args.peers and hasattr(model, "compile_repeated_blocks"):
         model.compile_repeated_blocks(backend=backend)  # diffusers' regional compilation: each block class once
         ready = first_run(lambda: loop(model), device)
@@ -300,7 +302,7 @@ def run(args) -> dict:
         rows.extend(cache_dit_rows(model, loop, args, record, backend))
     for row in rows:
         row["speedup_vs_uncached_compiled"] = base["wall_s"] / row["wall_s"] if "wall_s" in row else None
-    return {"rows": rows, "backend": backend, "profile_s": profile_s}
+    return {"rows": rows, "backend": backend, "profile_s": profile_s, "baseline": base["row"]}
 
 
 def diffusers_rows(model, loop, args, record, backend) -> list[dict]:
@@ -376,7 +378,7 @@ def _uncompile(model) -> None:
 def markdown(result: dict) -> str:
     lines = [(f"`{result['command']}` on {result['machine']} ({result['model']}, {result['steps']} steps, "
              f"{result['dtype']}, torch {result['torch']})"), "",
-             "| row | wall (s) | × ideal | overhead (µs/call) | build (s) | speedup vs uncached compiled | "
+             f"| row | wall (s) | × ideal | overhead (µs/call) | build (s) | speedup vs {result['baseline']} | "
              "peak mem (GiB) | cache (MiB) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -414,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
                         choices=("blocks", "nested", "graph", "default"),
                         help="how fxcache hands step graphs to the compiler, one row each (see "
                              "OptimizedDenoiser.compile); default: compile()'s own default, without the argument")
+    parser.add_argument("--no-uncached-compile", action="store_true",
+                        help="skip the uncached torch.compile row (speedups are then against uncached eager)")
     parser.add_argument("--warm-cache", action="store_true",
                         help="let inductor reuse compiled code cached on disk by earlier runs (build times then "
                              "measure cache hits, not compilation)")

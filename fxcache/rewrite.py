@@ -47,6 +47,13 @@ class Variant:
     tokens: tuple[str, ...] = ()
     num_tokens: tuple[tuple[int, int], ...] = ()  # (token count N, fresh tokens k) per group
 
+    def __hash__(self) -> int:  # looked up several times per call: hashed once (the fields never change)
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = self.__dict__["_hash"] = hash((self.writes, self.reads, self.part, self.cut, self.tokens,
+                                               self.num_tokens))
+        return h
+
     @functools.cached_property  # noqa: B019 — a frozen value: computed once per variant, read at every call
     def name(self) -> str:
         if self.part == "prefix":

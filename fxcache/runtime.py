@@ -55,6 +55,8 @@ class StepCall:
     """One denoiser call as the policies see it: where it is (``step``, ``branch``), its flat inputs
     (``leaves``), this branch's ``cache``, and the operations on the step program."""
 
+    __slots__ = ("denoiser", "step", "branch", "leaves", "device", "plan", "program", "cache")
+
     def __init__(self, denoiser: OptimizedDenoiser, step: int, branch: int, leaves: list, device: torch.device):
         self.denoiser, self.step, self.branch, self.leaves, self.device = denoiser, step, branch, leaves, device
         self.plan: Plan = denoiser.plan
@@ -260,22 +262,31 @@ class OptimizedDenoiser(torch.nn.Module):
             device = next((x.device for x in leaves if isinstance(x, torch.Tensor)), torch.device("cpu"))
         step, branch = self._advance(leaves)
         call = StepCall(self, step, branch, leaves, device)
-        result = next((r for r in (p.answer(call) for p in self._policies) if r is not None), None)
+        policies = self._policies
+        result = None
+        for p in policies:
+            result = p.answer(call)
+            if result is not None:
+                break
         if result is not None:
             flat, n_out, out_spec = result
         else:
-            result = next((r for r in (p.step(call) for p in self._policies) if r is not None), None)
+            for p in policies:
+                result = p.step(call)
+                if result is not None:
+                    break
             if result is None:  # the step's static graph
-                variant = self.program.variant_of_step[step]
-                flat = call.run(variant, self.plan.actions(step), only=self.program.writes_of_step[step])
+                program = self.program
+                variant = program.variant_of_step[step]
+                flat = self._run(call, variant, self.plan.steps[step], (), True, None, program.writes_of_step[step])
                 call.count(variant, cached=bool(variant.reads or variant.tokens))
                 result = call.result(flat, variant)
             flat, n_out, out_spec = result
-            for policy in self._policies:
+            for policy in policies:
                 policy.observe(call, flat, n_out, out_spec)
         if self._on_schedule is not None:
             flat = self._guard(flat, n_out)
-        out = _compat.pytree.tree_unflatten(list(flat[:n_out]), out_spec) if out_spec is not None else flat[0]
+        out = _compat.unflatten(flat[:n_out], out_spec) if out_spec is not None else flat[0]
         if not want_dict and hasattr(out, "to_tuple"):
             return out.to_tuple()
         return out
@@ -442,13 +453,18 @@ class OptimizedDenoiser(torch.nn.Module):
                     for policy in self._policies:
                         extra.update(policy.inputs(call, variant))
                 inputs.append(extra[point])
-        fresh = self._compiled is not None and variant not in self._compiled.fns
-        start = time.perf_counter()
-        with torch.no_grad():
+        compiled = self._compiled
+        if compiled is not None and variant not in compiled.fns:  # compiles on this call: log how long it took
+            start = time.perf_counter()
+            with torch.no_grad():
+                flat = self._callable(variant)(*inputs)
+            compiled.compiled(variant, time.perf_counter() - start, len(self.program.graphs))
+        elif torch.is_grad_enabled():
+            with torch.no_grad():
+                flat = self._callable(variant)(*inputs)
+        else:
             flat = self._callable(variant)(*inputs)
-        if fresh:
-            self._compiled.compiled(variant, time.perf_counter() - start, len(self.program.graphs))
-        if self._compiler is not None and self._compiler.cuda_graphs:
+        if compiled is not None and compiled.compiler.cuda_graphs:
             flat = tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in flat)  # replays reuse buffers
         if store:
             for point, indices in recipe.writes:
