@@ -65,8 +65,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # models and the sampling loop
 
 
-def build(name: str, device: str, dtype: torch.dtype):
-    """``(model, make_call_kwargs(x, t), sample shape, batched_cfg)``."""
+def build(name: str, device: str, dtype: torch.dtype, width: int = 32, side: int = 8):
+    """``(model, make_call_kwargs(x, t), sample shape, batched_cfg)``; ``width`` (hidden size, 2 heads) and
+    ``side`` (latent side: side² image tokens) apply to tiny-flux and deep-flux."""
     from diffusers import DiTTransformer2DModel, FluxTransformer2DModel
 
     gen = torch.Generator().manual_seed(0)
@@ -79,10 +80,10 @@ def build(name: str, device: str, dtype: torch.dtype):
         else:  # tiny width; deep-flux keeps FLUX.1-dev's depth (19 double + 38 single blocks)
             deep = name == "deep-flux"
             cfg = {"patch_size": 1, "in_channels": 16, "num_layers": 19 if deep else 2,
-                   "num_single_layers": 38 if deep else 4, "attention_head_dim": 16, "num_attention_heads": 2,
-                   "joint_attention_dim": 32, "pooled_projection_dim": 16, "guidance_embeds": True,
-                   "axes_dims_rope": (4, 6, 6)}
-            side, text = 8, 8
+                   "num_single_layers": 38 if deep else 4, "attention_head_dim": width // 2,
+                   "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 16,
+                   "guidance_embeds": True, "axes_dims_rope": _rope_axes(width // 2)}
+            text = 8
         model = _make(FluxTransformer2DModel, cfg, device, dtype)
         tokens = side * side
         img_ids = torch.zeros(tokens, 3, device=device)
@@ -116,6 +117,13 @@ def build(name: str, device: str, dtype: torch.dtype):
         s = cfg["sample_size"]
         return model, kwargs, (1, 4, s, s), True
     raise SystemExit(f"unknown model {name!r}")
+
+
+def _rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """FLUX's split of a head's rotary dims over (text, row, column) axes, scaled to ``head_dim`` (even parts)."""
+    a = 2 * (head_dim // 8)
+    b = (head_dim - a) // 2 // 2 * 2
+    return a, b, head_dim - a - b
 
 
 def _make(cls, cfg, device, dtype):
@@ -218,7 +226,7 @@ def memory_row(device: str) -> dict:
 
 def run(args) -> dict:
     device, dtype = args.device, DTYPES[args.dtype]
-    model, kwargs, shape, batched = build(args.model, device, dtype)
+    model, kwargs, shape, batched = build(args.model, device, dtype, args.width, args.side)
     loop = make_loop(kwargs, shape, batched, args.steps, device, dtype)
     backend = args.backend if args.backend != "auto" else ("inductor" if device == "cuda" else "aot_eager")
     rows: list[dict] = []
@@ -378,8 +386,8 @@ def _uncompile(model) -> None:
 def markdown(result: dict) -> str:
     lines = [(f"`{result['command']}` on {result['machine']} ({result['model']}, {result['steps']} steps, "
              f"{result['dtype']}, torch {result['torch']})"), "",
-             f"| row | wall (s) | × ideal | overhead (µs/call) | build (s) | speedup vs {result['baseline']} | "
-             "peak mem (GiB) | cache (MiB) |",
+             (f"| row | wall (s) | × ideal | overhead (µs/call) | build (s) | speedup vs {result['baseline']} | "
+              "peak mem (GiB) | cache (MiB) |"),
              "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "error" in r:
@@ -405,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                         help="model dtype; auto: bf16 on cuda, fp32 otherwise")
     parser.add_argument("--steps", type=positive_int, default=28, help="sampling steps per run")
+    parser.add_argument("--width", type=positive_int, default=32,
+                        help="tiny-flux / deep-flux: hidden size (2 attention heads; a multiple of 16)")
+    parser.add_argument("--side", type=positive_int, default=8,
+                        help="tiny-flux / deep-flux: latent side (side² image tokens, 8 text tokens)")
     parser.add_argument("--full", type=positive_int, nargs="+", default=[6, 10],
                         help="numbers of fully computed steps, one set of rows each; values above --steps are "
                              "dropped with a warning")
@@ -447,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     result = {"command": "python benchmarks/speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "machine": machine, "torch": torch.__version__, "model": args.model, "steps": args.steps,
+              "width": args.width, "side": args.side,
               "dtype": args.dtype, "device": args.device, **run(args)}
     result["seconds"] = time.time() - start
     stem = os.path.join(args.out, f"speed_{args.model}_{args.device}")

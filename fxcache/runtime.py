@@ -55,7 +55,7 @@ class StepCall:
     """One denoiser call as the policies see it: where it is (``step``, ``branch``), its flat inputs
     (``leaves``), this branch's ``cache``, and the operations on the step program."""
 
-    __slots__ = ("denoiser", "step", "branch", "leaves", "device", "plan", "program", "cache")
+    __slots__ = ("branch", "cache", "denoiser", "device", "leaves", "plan", "program", "step")
 
     def __init__(self, denoiser: OptimizedDenoiser, step: int, branch: int, leaves: list, device: torch.device):
         self.denoiser, self.step, self.branch, self.leaves, self.device = denoiser, step, branch, leaves, device

@@ -12,7 +12,7 @@ import torch
 
 from fxcache.devices import device_of
 from fxcache.errors import InputError
-from fxcache.ir import copy_graph_module
+from fxcache.ir import copy_graph_module, fetch_attr
 from fxcache.passes import OutlineBlocks, run_passes
 from fxcache.passes.outline_blocks import REGIONS_META
 
@@ -87,8 +87,27 @@ class Compiler:
             outlined = run_passes(copy_graph_module(gm), [OutlineBlocks(blocks, wrap, regions,
                                                                       aliasing_inputs=self.regional == "blocks")])
             if outlined.meta[REGIONS_META]["blocks"]:
-                return outlined if self.regional == "blocks" else self.compile_fn(outlined)
+                if self.regional == "nested":
+                    return self.compile_fn(outlined)
+                return _direct_weights(outlined)
         return self.compile_fn(gm)
+
+
+def _direct_weights(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm`` (run as Python code between compiled regions) reading each weight as one plain attribute instead of a
+    chain of submodule lookups (``self.blocks[0].attn.to_q.weight`` costs five ``nn.Module.__getattr__`` calls;
+    the regions of a deep model take hundreds of weights per step)."""
+    names: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            flat = names.get(node.target)
+            if flat is None:
+                flat = names[node.target] = f"_fxcache_w{len(names)}"
+                value = fetch_attr(gm, node.target)
+                gm.__dict__[flat] = value  # a plain attribute: found without nn.Module.__getattr__
+            node.target = flat
+    gm.recompile()
+    return gm
 
 
 def _nested(fn):

@@ -1,6 +1,6 @@
 """fxcache's graph IR: node metadata, stable node identity, invariants and a canonical dump."""
 
-from fxcache.ir.copy import copy_graph_module
+from fxcache.ir.copy import copy_graph_module, fetch_attr
 from fxcache.ir.dump import dump, fingerprint
 from fxcache.ir.meta import (
     FXCACHE_META_KEY,
@@ -17,6 +17,6 @@ from fxcache.ir.points import CachePoint
 from fxcache.ir.verify import verify
 
 __all__ = [
-    "CachePoint", "FXCACHE_META_KEY", "NodeInfo", "copy_graph_module", "dump", "fingerprint", "get_info", "info", "key_of", "module_path_of",
+    "CachePoint", "FXCACHE_META_KEY", "NodeInfo", "copy_graph_module", "dump", "fetch_attr", "fingerprint", "get_info", "info", "key_of", "module_path_of",
     "module_paths_of", "op_name", "set_info", "verify",
 ]

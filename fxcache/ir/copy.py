@@ -10,7 +10,7 @@ import torch.fx
 from fxcache._compat import copy_codegen
 from fxcache.ir.meta import FXCACHE_META_KEY, NodeInfo
 
-__all__ = ["copy_graph_module"]
+__all__ = ["copy_graph_module", "fetch_attr"]
 
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -29,3 +29,11 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     new = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     new.meta = dict(getattr(gm, "meta", {}))
     return new
+
+
+def fetch_attr(root: torch.nn.Module, target: str) -> object:
+    """The attribute a ``get_attr`` node names (``"blocks.0.attn.to_q.weight"``) on ``root``."""
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

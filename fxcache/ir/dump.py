@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from fxcache.ir.copy import fetch_attr
 from fxcache.ir.meta import info, op_name
 
 DUMP_VERSION = 1
@@ -37,15 +38,8 @@ def _tensor_type(t: Any) -> str:
 
 def _node_type(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
     if node.op == "get_attr":
-        return _tensor_type(_fetch_attr(gm, node.target))
+        return _tensor_type(fetch_attr(gm, node.target))
     return _tensor_type(node.meta.get("val"))
-
-
-def _fetch_attr(gm: torch.nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _fmt_arg(a: Any) -> str:

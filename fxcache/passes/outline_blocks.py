@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.fx
 
+from fxcache.ir.copy import fetch_attr
 from fxcache.ir.meta import NodeInfo, info, op_name, set_info
 from fxcache.passes.base import FxPass, PassResult
 
@@ -128,7 +129,7 @@ class OutlineBlocks(FxPass):
         sig: list[str] = []
         for i, a in enumerate(params + acts):
             p = region.placeholder(f"in{i}")
-            p.meta["val"] = a.meta.get("val") if a.op != "get_attr" else _fetch(graph_module, a.target)
+            p.meta["val"] = a.meta.get("val") if a.op != "get_attr" else fetch_attr(graph_module, a.target)
             env[a] = p
             rel = a.target[len(block) + 1:] if a.op == "get_attr" and a.target.startswith(block + ".") else ""
             sig.append(f"in{i}:{rel}:{_type(p.meta['val'])}")
@@ -216,13 +217,6 @@ def _caller(region_gm: torch.fx.GraphModule, name: str) -> Callable:
     fn = types.FunctionType(code, region.__globals__, name, region.__defaults__, region.__closure__)
     fn.__qualname__ = name
     return fn
-
-
-def _fetch(gm: torch.nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _type(v) -> str:
