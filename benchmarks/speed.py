@@ -25,8 +25,9 @@ Rows, all in one process, in this order:
 * **cache-dit** ``DBCache`` F1B0 with a static ``steps_computation_mask`` of k full steps, eager and with the
   transformer compiled.
 
-Columns: median wall time of ``--repeats`` runs after warm-up; **ideal** = the sum, over the run's calls, of the
-standalone time of the graph each call used (so wall / ideal ≤ 1.05 means the runtime adds ≤ 5 %); **overhead** =
+Columns: median wall time of ``--repeats`` runs after warm-up; **ideal** = the run's graph calls replayed back to back
+outside fxcache, each with the inputs it had in the run — the sum of the step graphs' own times, in the run's order
+(so wall / ideal ≤ 1.05 means the runtime, and the sampler loop around it, add ≤ 5 %); **overhead** =
 (wall − ideal) / calls, the runtime's cost per denoiser call in µs; **build** = seconds from nothing to a ready run
 (plan + compilation + the first run; inductor's on-disk caches are off unless ``--warm-cache``); speedup against
 uncached torch.compile; peak accelerator memory; bytes held by fxcache's cache at the end of a run. Results go to
@@ -173,23 +174,18 @@ def timed(fn: Callable, device: str, repeats: int, warmup: int = 1) -> tuple[flo
     return statistics.median(times), times
 
 
-def standalone(fn: Callable, args, device: str, repeats: int = 10) -> float:
-    return timed(lambda: fn(*args), device, repeats, warmup=2)[0]
-
-
-def fxcache_ideal(opt, loop, device: str) -> tuple[float, int]:
-    """``(Σ over the run's graph calls of each graph's standalone time, graph calls)`` (inputs recorded from one
-    real run)."""
-    seen: dict = {}
-    counts: dict = {}
+def fxcache_ideal(opt, loop, device: str, repeats: int = 5) -> tuple[float, int]:
+    """``(ideal seconds, graph calls)`` of one run: every graph call of a real run is recorded with the inputs it
+    had, then the calls are replayed back to back outside fxcache — the step graphs' own time, in the run's order
+    (so with the run's cache behaviour), without the runtime around them; the median of ``repeats`` replays."""
+    calls: list = []
     original = opt._callable
 
     def spy(variant):
         fn = original(variant)
 
         def call(*inputs):
-            counts[variant] = counts.get(variant, 0) + 1
-            seen.setdefault(variant, (fn, inputs))
+            calls.append((fn, inputs))
             return fn(*inputs)
 
         return call
@@ -201,8 +197,12 @@ def fxcache_ideal(opt, loop, device: str) -> tuple[float, int]:
             loop(opt)
     finally:
         del opt._callable
-    ideal = sum(counts[v] * standalone(fn, inputs, device) for v, (fn, inputs) in seen.items())
-    return ideal, sum(counts.values())
+
+    def replay():
+        for fn, inputs in calls:
+            fn(*inputs)
+
+    return timed(replay, device, repeats, warmup=1)[0], len(calls)
 
 
 def first_run(fn: Callable, device: str) -> float:

@@ -50,8 +50,9 @@ def optimize(model, calib_prompts: Sequence[Any], *, sampler=None, speedup: floa
     ``backend`` compiles every step graph (:meth:`~fxcache.runtime.OptimizedDenoiser.compile`): ``None`` (default)
     runs the step graphs as plain FX code; a torch.compile backend name (``"inductor"``, ``"aot_eager"``,
     ``"eager"``) or callable compiles each variant with ``fullgraph=True`` (``mode=`` passed on); ``"tensorrt"`` uses
-    torch-tensorrt. ``cuda_graphs=True`` (inductor on CUDA) captures each variant in a CUDA graph; ``regional`` says how a step reaches the compiler (``"blocks"``: each distinct
-    block compiled once, the default without CUDA graphs; ``"graph"``; ``"nested"``). The search itself
+    torch-tensorrt. ``cuda_graphs=True`` (inductor on CUDA) captures each variant in a CUDA graph; ``regional`` says how a step reaches the compiler
+    (:data:`fxcache.engine.compiler.REGIONAL`: ``"nested"``, each distinct block compiled once inside one compiled
+    step, the default without CUDA graphs; ``"blocks"``; ``"graph"``, the default with them). The search itself
     always runs uncompiled; only the chosen plan is compiled.
 
     ``profile=`` reuses a :class:`~fxcache.Profile` made by :func:`fxcache.profile` (or loaded with

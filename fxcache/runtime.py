@@ -521,12 +521,13 @@ class OptimizedDenoiser(torch.nn.Module):
         break and no recompilation (one compiled graph per variant). ``cuda_graphs=True`` (inductor, CUDA only)
         captures each variant in a CUDA graph (``mode="reduce-overhead"``); outputs are copied out of the graph's
         static buffers before they are cached. Gate decisions, token selection and the CFG cache's FFT run between
-        the compiled graphs. ``regional="blocks"`` (the default without CUDA graphs) hands the compiler each distinct
-        block once — identical blocks of every stack and step graph share one compiled region — so compiling a deep
-        model costs a few blocks, not all of them (``"nested"``: the step compiled whole with blocks as nested
-        compile regions; ``"graph"``, the default with CUDA graphs: the step graph compiled inlined, one capture per
-        step). torch.compile compiles each graph on its first call (during
-        the first sampling run); each compilation is logged with its time, and ``progress=True`` shows a bar over
+        the compiled graphs. ``regional="nested"`` (the default without CUDA graphs) compiles each step as one program
+        in which every block is a nested compile region — identical blocks of every stack and step graph share one
+        region, compiled once — so compiling a deep model costs a few blocks, not all of them, and runs as fast as
+        the inlined graph; ``"blocks"`` compiles each distinct block on its own and runs the step around them as
+        Python (the quickest compile; each block call pays a compiled function's entry); ``"graph"`` (the default
+        with CUDA graphs) compiles the step graph inlined (:data:`~fxcache.engine.compiler.REGIONAL`). torch.compile
+        compiles each graph on its first call (during the first sampling run); each compilation is logged with its time, and ``progress=True`` shows a bar over
         the step graphs. Returns ``self``."""
         if not isinstance(progress, bool):
             raise InputError(f"progress must be True or False, got {progress!r}")

@@ -17,7 +17,7 @@ from fxcache.testing.samplers import zoo_sampler
 pytest.importorskip("diffusers")
 
 
-def _compiled_twice(opt, smp, backend="aot_eager", regional="blocks"):
+def _compiled_twice(opt, smp, backend="aot_eager", regional=None):
     """Eager plan output, then the compiled plan run twice (the second under error_on_recompile)."""
     eager = seeded_run(opt, smp, 3)
     opt.compile(backend, regional=regional)
@@ -36,8 +36,9 @@ def _outlined_blocks(opt) -> int:
     """Blocks the plan's step graphs call as regions (each variant counts its own)."""
     from fxcache.passes.outline_blocks import REGIONS_META
 
-    return sum(len(fn.meta[REGIONS_META]["blocks"]) for fn in opt._compiled.fns.values()
-               if isinstance(fn, torch.fx.GraphModule))
+    modules = (getattr(fn, "_orig_mod", fn) for fn in opt._compiled.fns.values())
+    return sum(len(gm.meta[REGIONS_META]["blocks"]) for gm in modules
+               if isinstance(gm, torch.fx.GraphModule) and REGIONS_META in gm.meta)
 
 
 @pytest.mark.parametrize("name,method", [
@@ -45,38 +46,48 @@ def _outlined_blocks(opt) -> int:
     ("unet2d_condition", FORA(interval=2)), ("pixart", ToCa(interval=3)),
 ])
 def test_static_plan_compiles_each_distinct_block_once_without_breaks(name, method):
-    """The default (regional="blocks"): identical blocks of a stack share one compiled region, the rest of the
-    step runs around them; fullgraph regions, no break, no recompilation in a second run, the eager plan's output."""
+    """The default (regional="nested"): one compiled program per variant, in which identical blocks of a stack are
+    calls of one nested region; no break, no recompilation in a second run, the eager plan's output."""
     model = zoo.build(name)[0]
     smp = zoo_sampler(name, steps=8, cfg="separate")
     opt = fxcache.optimize(model, [3], sampler=smp, method=method, progress=False)
     eager, first, second, graphs = _compiled_twice(opt, smp)
-    assert opt.compiled_variants == len(opt.variants)
+    assert graphs == len(opt.variants) == opt.compiled_variants  # one compiled program per step variant
     regions, blocks = opt.compiled_regions, _outlined_blocks(opt)
     assert 0 < regions <= blocks
     if name in ("dit", "flux", "pixart"):  # stacks of identical blocks: fewer regions than blocks
         assert regions < blocks
-    # one graph per region, a second one where a block's inputs differ in strides (views of the block before)
-    assert regions <= graphs <= 2 * regions
     torch.testing.assert_close(first, eager, rtol=1e-6, atol=1e-6)
     assert torch.equal(first, second)
 
 
-@pytest.mark.parametrize("regional", ["graph", "nested"])
-def test_whole_step_compilation_modes(regional):
-    """regional="graph": each step graph compiled whole, inlined; "nested": whole, its blocks nested compile
-    regions. Both: one compiled program per variant."""
+@pytest.mark.parametrize("name", ["flux", "dit"])
+def test_blocks_mode_compiles_each_distinct_block_on_its_own(name):
+    """regional="blocks": each distinct block a compiled function (one graph per region, a second where a block's
+    inputs are views of the block before: other strides), the step around them run as Python."""
+    model = zoo.build(name)[0]
+    smp = zoo_sampler(name, steps=8, cfg="separate")
+    opt = fxcache.optimize(model, [3], sampler=smp, method=FORA(interval=3), progress=False)
+    eager, first, second, graphs = _compiled_twice(opt, smp, regional="blocks")
+    regions, blocks = opt.compiled_regions, _outlined_blocks(opt)
+    assert 0 < regions < blocks
+    assert regions <= graphs <= 2 * regions + len(opt.variants)  # + the variants without blocks, compiled whole
+    torch.testing.assert_close(first, eager, rtol=1e-6, atol=1e-6)
+    assert torch.equal(first, second)
+
+
+def test_graph_mode_compiles_each_step_graph_inlined():
+    """regional="graph": each step graph compiled whole, inlined — one compiled program per variant, no regions."""
     model = zoo.build("flux")[0]
     smp = zoo_sampler("flux", steps=8, cfg="separate")
     opt = fxcache.optimize(model, [3], sampler=smp, method=FORA(interval=3), progress=False)
-    eager, first, second, graphs = _compiled_twice(opt, smp, regional=regional)
-    assert graphs == len(opt.variants) == opt.compiled_variants
-    assert (opt.compiled_regions > 0) == (regional == "nested")
+    eager, first, second, graphs = _compiled_twice(opt, smp, regional="graph")
+    assert graphs == len(opt.variants) == opt.compiled_variants and opt.compiled_regions == 0
     torch.testing.assert_close(first, eager, rtol=1e-6, atol=1e-6)
     assert torch.equal(first, second)
 
 
-@pytest.mark.parametrize("regional", ["graph", "blocks"])
+@pytest.mark.parametrize("regional", ["graph", "nested", "blocks"])
 def test_gated_plan_compiles_its_prefix_and_suffix_graphs(regional):
     """FBCache: the prefix graph, the computing suffix and the cached suffix are separate static graphs; the
     per-step decision runs between them, outside any compiled graph."""
@@ -85,7 +96,7 @@ def test_gated_plan_compiles_its_prefix_and_suffix_graphs(regional):
     eager, first, _second, graphs = _compiled_twice(opt, smp, regional=regional)
     assert 0 < opt.stats()["full_steps"] < opt.stats()["steps"]  # it did skip
     assert opt.compiled_variants <= len(opt.variants)
-    if regional == "graph":
+    if regional != "blocks":
         assert graphs == opt.compiled_variants
     torch.testing.assert_close(first, eager, rtol=1e-6, atol=1e-6)
 
@@ -107,7 +118,7 @@ def test_inductor_on_cpu_matches_eager():
     model, smp = dit(), sampler("euler", steps=6, cfg="none")
     opt = fxcache.optimize(model, [3], sampler=smp, method=FORA(interval=3), progress=False)
     eager, first, _second, graphs = _compiled_twice(opt, smp, backend="inductor")
-    assert opt.compiled_variants == len(opt.variants) and 0 < opt.compiled_regions <= graphs
+    assert graphs == opt.compiled_variants == len(opt.variants) and opt.compiled_regions > 0
     torch.testing.assert_close(first, eager, rtol=1e-4, atol=1e-4)
 
 
@@ -117,6 +128,10 @@ def test_bad_backends_are_refused_before_calibration():
         fxcache.optimize(model, [3], sampler=smp, method=FORA(), backend="nope", progress=False)
     with pytest.raises(fxcache.InputError, match="give backend= too"):
         fxcache.optimize(model, [3], sampler=smp, method=FORA(), cuda_graphs=True, progress=False)
+    with pytest.raises(fxcache.InputError, match="give backend= too"):
+        fxcache.optimize(model, [3], sampler=smp, method=FORA(), regional="blocks", progress=False)
+    with pytest.raises(fxcache.InputError, match=r"regional must be one of \('nested', 'blocks', 'graph'\)"):
+        fxcache.optimize(model, [3], sampler=smp, method=FORA(), backend="aot_eager", regional="x", progress=False)
     if not torch.cuda.is_available():
         with pytest.raises(fxcache.InputError, match="needs the model on a CUDA device"):
             fxcache.optimize(model, [3], sampler=smp, method=FORA(), backend="inductor", cuda_graphs=True,
