@@ -27,8 +27,11 @@ Rows, all in one process, in this order:
 
 Columns: median wall time of ``--repeats`` runs after warm-up; **ideal** = the run's graph calls replayed back to back
 outside fxcache, each with the inputs it had in the run — the sum of the step graphs' own times, in the run's order
-(so wall / ideal ≤ 1.05 means the runtime, and the sampler loop around it, add ≤ 5 %); **overhead** =
-(wall − ideal) / calls, the runtime's cost per denoiser call in µs; **build** = seconds from nothing to a ready run
+(so wall / ideal ≤ 1.05 means the runtime, and the sampler loop around it, add ≤ 5 %), timed alternately with the
+runs (median of as many replays); **overhead** =
+(wall − ideal) / calls, the runtime's cost per denoiser call in µs; **runtime (stubbed graphs)** = the same cost
+measured without the graphs' time and its noise (eager rows: every step graph replaced by a stub returning its
+recorded outputs, against the whole denoiser replaced by a stub); **build** = seconds from nothing to a ready run
 (plan + compilation + the first run; inductor's on-disk caches are off unless ``--warm-cache``); speedup against
 uncached torch.compile; peak accelerator memory; bytes held by fxcache's cache at the end of a run. Results go to
 ``<out>/speed_<model>_<device>.json`` (+ ``.md``), written atomically, with the machine named. A ``--full`` value
@@ -174,10 +177,10 @@ def timed(fn: Callable, device: str, repeats: int, warmup: int = 1) -> tuple[flo
     return statistics.median(times), times
 
 
-def fxcache_ideal(opt, loop, device: str, repeats: int = 5) -> tuple[float, int]:
-    """``(ideal seconds, graph calls)`` of one run: every graph call of a real run is recorded with the inputs it
-    had, then the calls are replayed back to back outside fxcache — the step graphs' own time, in the run's order
-    (so with the run's cache behaviour), without the runtime around them; the median of ``repeats`` replays."""
+def fxcache_replay(opt, loop, device: str) -> tuple[Callable, int]:
+    """``(replay, graph calls)`` of one run: every graph call of a real run is recorded with the inputs it had;
+    ``replay()`` runs the calls back to back outside fxcache — the step graphs' own time, in the run's order (so with
+    the run's cache behaviour), without the runtime around them."""
     calls: list = []
     original = opt._callable
 
@@ -202,7 +205,88 @@ def fxcache_ideal(opt, loop, device: str, repeats: int = 5) -> tuple[float, int]
         for fn, inputs in calls:
             fn(*inputs)
 
-    return timed(replay, device, repeats, warmup=1)[0], len(calls)
+    return replay, len(calls)
+
+
+def fxcache_ideal(opt, loop, device: str, repeats: int = 5) -> tuple[float, int]:
+    """``(ideal seconds, graph calls)``: the median of ``repeats`` replays (:func:`fxcache_replay`)."""
+    replay, calls = fxcache_replay(opt, loop, device)
+    return timed(replay, device, repeats, warmup=1)[0], calls
+
+
+def interleaved(fn: Callable, replay: Callable, device: str, repeats: int, warmup: int) -> tuple:
+    """``(median wall, wall times, median ideal)``: runs and replays alternate, so a machine whose speed drifts
+    (a shared CPU) slows both alike."""
+    walls, ideals = [], []
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+            replay()
+        for _ in range(repeats):
+            for f, out in ((fn, walls), (replay, ideals)):
+                _sync(device)
+                start = time.perf_counter()
+                f()
+                _sync(device)
+                out.append(time.perf_counter() - start)
+    return statistics.median(walls), walls, statistics.median(ideals)
+
+
+def runtime_cost(opt, loop, device: str, repeats: int) -> float:
+    """The runtime's own cost per denoiser call in µs, free of the graphs' time and of its noise: the run with every
+    step graph replaced by a stub returning that call's recorded outputs, against the run with the whole denoiser
+    replaced by a stub returning the call's recorded result (medians of alternating runs)."""
+    graph_outs: list = []
+    results: list = []
+    original = opt._callable
+
+    def spy(variant):
+        fn = original(variant)
+
+        def call(*inputs):
+            out = fn(*inputs)
+            graph_outs.append(out)
+            return out
+
+        return call
+
+    def recording(**kwargs):
+        out = opt(**kwargs)
+        results.append(out)
+        return out
+
+    opt._callable = spy
+    try:
+        opt.reset()
+        with torch.no_grad():
+            loop(recording)
+    finally:
+        del opt._callable
+    cursor = {"graph": 0, "call": 0}
+
+    def stub_graph(variant):
+        def call(*inputs):
+            i = cursor["graph"]
+            cursor["graph"] = (i + 1) % len(graph_outs)
+            return graph_outs[i]
+
+        return call
+
+    def stub_denoiser(**kwargs):
+        i = cursor["call"]
+        cursor["call"] = (i + 1) % len(results)
+        return results[i]
+
+    opt._callable = stub_graph
+    try:
+        opt.reset()
+        cursor["graph"] = 0
+        with_runtime, _, without = interleaved(lambda: loop(opt), lambda: loop(stub_denoiser), device,
+                                               max(repeats, 20), 2)
+    finally:
+        del opt._callable
+        opt.reset()
+    return (with_runtime - without) / len(results) * 1e6
 
 
 def first_run(fn: Callable, device: str) -> float:
@@ -232,12 +316,16 @@ def run(args) -> dict:
     rows: list[dict] = []
 
     def record(name: str, fn: Callable, ideal: float | None = None, calls: int | None = None,
-               build_s: float | None = None, **extra) -> dict:
-        """Time ``fn`` (a sampling run); ``build_s``: seconds to make it ready (first run, compilation included)."""
+               build_s: float | None = None, replay: Callable | None = None, **extra) -> dict:
+        """Time ``fn`` (a sampling run); ``build_s``: seconds to make it ready (first run, compilation included);
+        ``replay``: the run's graph calls without the runtime, timed alternately with ``fn`` as the ideal."""
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        wall, times = timed(fn, device, args.repeats, warmup=args.warmup)
+        if replay is not None:
+            wall, times, ideal = interleaved(fn, replay, device, args.repeats, args.warmup)
+        else:
+            wall, times = timed(fn, device, args.repeats, warmup=args.warmup)
         overhead = (wall - ideal) / calls * 1e6 if ideal and calls else None
         row = {"row": name, "wall_s": wall, "times_s": times, "ideal_s": ideal,
                "ratio_to_ideal": wall / ideal if ideal else None, "overhead_us_per_call": overhead,
@@ -298,10 +386,11 @@ def run(args) -> dict:
                 ready = time.perf_counter() - start
                 stats = opt.stats()
                 cache_bytes = opt.cache_bytes()
-                ideal, calls = fxcache_ideal(opt, loop, device)
+                runtime_us = runtime_cost(opt, loop, device, args.repeats) if be is None else None
+                replay, calls = fxcache_replay(opt, loop, device)
                 record(f"fxcache Scheduled({k}/{args.steps}, {action}) {label}", lambda opt=opt: loop(opt),
-                       ideal=ideal, calls=calls, build_s=ready, computed_fraction=stats["computed_fraction"],
-                       cache_bytes=cache_bytes, variants=len(opt.variants),
+                       replay=replay, calls=calls, build_s=ready, computed_fraction=stats["computed_fraction"],
+                       cache_bytes=cache_bytes, variants=len(opt.variants), runtime_us_per_call=runtime_us,
                        regions=getattr(opt, "compiled_regions", 0))
                 del opt
     if "diffusers" in args.peers:
@@ -386,19 +475,20 @@ def _uncompile(model) -> None:
 def markdown(result: dict) -> str:
     lines = [(f"`{result['command']}` on {result['machine']} ({result['model']}, {result['steps']} steps, "
              f"{result['dtype']}, torch {result['torch']})"), "",
-             (f"| row | wall (s) | × ideal | overhead (µs/call) | build (s) | speedup vs {result['baseline']} | "
-              "peak mem (GiB) | cache (MiB) |"),
-             "|---|---|---|---|---|---|---|---|"]
+             (f"| row | wall (s) | × ideal | overhead (µs/call) | runtime (µs/call, stubbed graphs) | build (s) | "
+              f"speedup vs {result['baseline']} | peak mem (GiB) | cache (MiB) |"),
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['row']} | refused: {r['error'][:80]} | | | | | | |")
+            lines.append(f"| {r['row']} | refused: {r['error'][:80]} | | | | | | | |")
             continue
         ratio = f"{r['ratio_to_ideal']:.3f}" if r.get("ratio_to_ideal") else ""
         over = f"{r['overhead_us_per_call']:.0f}" if r.get("overhead_us_per_call") is not None else ""
         build = f"{r['build_s']:.1f}" if r.get("build_s") is not None else ""
+        runtime = f"{r['runtime_us_per_call']:.0f}" if r.get("runtime_us_per_call") is not None else ""
         mem = f"{r['peak_memory_gib']:.1f}" if "peak_memory_gib" in r else ""
         cache = f"{r['cache_bytes'] / 2**20:.3g}" if "cache_bytes" in r else ""
-        lines.append(f"| {r['row']} | {r['wall_s']:.4f} | {ratio} | {over} | {build} | "
+        lines.append(f"| {r['row']} | {r['wall_s']:.4f} | {ratio} | {over} | {runtime} | {build} | "
                      f"{r['speedup_vs_uncached_compiled']:.2f}× | {mem} | {cache} |")
     return "\n".join(lines) + "\n"
 
