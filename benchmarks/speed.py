@@ -552,7 +552,8 @@ def main(argv: list[str] | None = None) -> int:
               "width": args.width, "side": args.side,
               "dtype": args.dtype, "device": args.device, **run(args)}
     result["seconds"] = time.time() - start
-    stem = os.path.join(args.out, f"speed_{args.model}_{args.device}")
+    size = f"_w{args.width}_s{args.side}" if (args.width, args.side) != (32, 8) else ""
+    stem = os.path.join(args.out, f"speed_{args.model}{size}_{args.device}")
     for path, text in ((stem + ".json", json.dumps(result, indent=1)), (stem + ".md", markdown(result))):
         _write(path, text)
     log.info("\n%s\nwrote %s.{json,md} in %.0f s", markdown(result), stem, result["seconds"])

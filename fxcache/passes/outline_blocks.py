@@ -139,7 +139,20 @@ class OutlineBlocks(FxPass):
             args = torch.fx.node.map_arg((n.args, n.kwargs), lambda x: f"%{local[x]}")
             local[n] = len(local)
             sig.append(f"{op_name(n)}{args}:{_type(n.meta.get('val'))}")
-        region.output(tuple(env[o] for o in outs))
+        results = [env[o] for o in outs]
+        if not aliasing_inputs:
+            # a region operator refuses outputs that alias an input or another output: such an output (a view
+            # chain ending outside the block, or at an earlier output's base) leaves the region as a copy
+            seen: set = set()
+            for i, o in enumerate(outs):
+                base = _base(o)
+                if base not in member_set or base in seen:
+                    copy = region.call_function(torch.ops.aten.clone.default, (results[i],))  # appended last
+                    copy.meta["val"] = results[i].meta.get("val")
+                    results[i] = copy
+                    sig.append(f"copy:{i}")
+                seen.add(base)
+        region.output(tuple(results))
         sig.append("out:" + ",".join(str(local[o]) for o in outs))
         region_gm = torch.fx.GraphModule(torch.nn.Module(), region, class_name="FxcacheRegion")
         return region_gm, "\n".join(sig), params, acts, outs, anchor, members
