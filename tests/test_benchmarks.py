@@ -192,7 +192,8 @@ def test_speed_drops_full_counts_above_the_steps(tmp_path, monkeypatch, caplog, 
     """More full steps than steps cannot be scheduled: dropped with a warning, or an error when none is left."""
     speed = _load("speed")
     ran = []
-    monkeypatch.setattr(speed, "run", lambda args: ran.append(args.full) or {"rows": [], "backend": "x", "baseline": "uncached eager"})
+    monkeypatch.setattr(speed, "run", lambda args: ran.append(args.full)
+                        or {"rows": [], "backend": "x", "baseline": "uncached eager"})
     assert speed.main(["--steps", "8", "--full", "6", "10", "8", "--out", str(tmp_path)]) == 0
     assert ran == [[6, 8]] and "--full 10 dropped" in caplog.text
     with pytest.raises(SystemExit) as exit_:
