@@ -19,6 +19,7 @@ from profiling import seeded_run
 import fxcache
 from fxcache import methods as M
 from fxcache._compat import dynamo_counters, error_on_recompile
+from fxcache.search import FLOOR_SLACK
 from fxcache.testing import zoo
 from fxcache.testing.samplers import zoo_sampler
 
@@ -112,7 +113,7 @@ def test_plan_search_on_the_device(device, dtype):
     opt = fxcache.optimize(model, PROMPTS, sampler=smp, speedup=2.0, progress=False)
     out = seeded_run(opt, smp, 3)
     assert out.device.type == device and torch.isfinite(out).all()
-    assert opt.stats()["computed_fraction"] <= 0.5 * 1.02
+    assert opt.stats()["computed_fraction"] <= 0.5 * (1 + FLOOR_SLACK)  # the speed floor
     assert "why:" in opt.search_report()
 
 
