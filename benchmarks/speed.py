@@ -177,40 +177,54 @@ def timed(fn: Callable, device: str, repeats: int, warmup: int = 1) -> tuple[flo
     return statistics.median(times), times
 
 
-def fxcache_replay(opt, loop, device: str) -> tuple[Callable, int]:
-    """``(replay, graph calls)`` of one run: every graph call of a real run is recorded with the inputs it had;
-    ``replay()`` runs the calls back to back outside fxcache — the step graphs' own time, in the run's order (so with
-    the run's cache behaviour), without the runtime around them."""
-    calls: list = []
+def record_run(opt, loop) -> tuple[list, list]:
+    """One real run of ``loop`` through ``opt``, recorded: ``(graph calls, results)`` — every step-graph call as
+    ``(graph, inputs, outputs)`` in order, and what each denoiser call returned."""
+    graph_calls: list = []
+    results: list = []
     original = opt._callable
 
     def spy(variant):
         fn = original(variant)
 
         def call(*inputs):
-            calls.append((fn, inputs))
-            return fn(*inputs)
+            out = fn(*inputs)
+            graph_calls.append((fn, inputs, out))
+            return out
 
         return call
+
+    def recording(*args, **kwargs):
+        out = opt(*args, **kwargs)
+        results.append(out)
+        return out
 
     opt._callable = spy
     try:
         opt.reset()
         with torch.no_grad():
-            loop(opt)
+            loop(recording)
     finally:
         del opt._callable
+    return graph_calls, results
+
+
+def fxcache_replay(opt, loop) -> tuple[Callable, int]:
+    """``(replay, graph calls)`` of one run (:func:`record_run`); ``replay()`` runs the graph calls back to back
+    outside fxcache — the step graphs' own time, in the run's order (so with the run's cache behaviour), without
+    the runtime around them."""
+    graph_calls, _ = record_run(opt, loop)
 
     def replay():
-        for fn, inputs in calls:
+        for fn, inputs, _ in graph_calls:
             fn(*inputs)
 
-    return replay, len(calls)
+    return replay, len(graph_calls)
 
 
 def fxcache_ideal(opt, loop, device: str, repeats: int = 5) -> tuple[float, int]:
     """``(ideal seconds, graph calls)``: the median of ``repeats`` replays (:func:`fxcache_replay`)."""
-    replay, calls = fxcache_replay(opt, loop, device)
+    replay, calls = fxcache_replay(opt, loop)
     return timed(replay, device, repeats, warmup=1)[0], calls
 
 
@@ -236,32 +250,8 @@ def runtime_cost(opt, loop, device: str, repeats: int) -> float:
     """The runtime's own cost per denoiser call in µs, free of the graphs' time and of its noise: the run with every
     step graph replaced by a stub returning that call's recorded outputs, against the run with the whole denoiser
     replaced by a stub returning the call's recorded result (medians of alternating runs)."""
-    graph_outs: list = []
-    results: list = []
-    original = opt._callable
-
-    def spy(variant):
-        fn = original(variant)
-
-        def call(*inputs):
-            out = fn(*inputs)
-            graph_outs.append(out)
-            return out
-
-        return call
-
-    def recording(**kwargs):
-        out = opt(**kwargs)
-        results.append(out)
-        return out
-
-    opt._callable = spy
-    try:
-        opt.reset()
-        with torch.no_grad():
-            loop(recording)
-    finally:
-        del opt._callable
+    graph_calls, results = record_run(opt, loop)
+    graph_outs = [out for _, _, out in graph_calls]
     cursor = {"graph": 0, "call": 0}
 
     def stub_graph(variant):
@@ -387,7 +377,7 @@ def run(args) -> dict:
                 stats = opt.stats()
                 cache_bytes = opt.cache_bytes()
                 runtime_us = runtime_cost(opt, loop, device, args.repeats) if be is None else None
-                replay, calls = fxcache_replay(opt, loop, device)
+                replay, calls = fxcache_replay(opt, loop)
                 record(f"fxcache Scheduled({k}/{args.steps}, {action}) {label}", lambda opt=opt: loop(opt),
                        replay=replay, calls=calls, build_s=ready, computed_fraction=stats["computed_fraction"],
                        cache_bytes=cache_bytes, variants=len(opt.variants), runtime_us_per_call=runtime_us,

@@ -309,8 +309,9 @@ class OptimizedDenoiser(torch.nn.Module):
         binder = traced.signature.binder(user_args, user_kwargs)
         if binder is not None:
             fast, fast_dict = binder.leaves(user_args, user_kwargs)
-            if FastBinder.describe(fast) == FastBinder.describe(leaves) and fast_dict == want_dict:
-                binder.accept(leaves)
+            described = FastBinder.describe(leaves)
+            if FastBinder.describe(fast) == described and fast_dict == want_dict:
+                binder.accept(leaves, described)
                 self._binders[(len(user_args), tuple(user_kwargs))] = binder
         return leaves, want_dict
 

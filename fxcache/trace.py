@@ -106,19 +106,20 @@ class CallSignature:
                for p in self.params.values()):
             return None
         bound = self.sig.bind(*args, **kwargs)
-        sources = []
+        plan = []
         for i, (name, param) in enumerate(self.params.items()):
             if i < len(args):
-                src = ("arg", i)
+                kind, src = FastBinder.POSITIONAL, i
             elif name in kwargs:
-                src = ("kw", name)
+                kind, src = FastBinder.KEYWORD, name
             else:
-                src = ("default", param.default)
-            if name not in bound.arguments and src[0] != "default":
+                kind, src = FastBinder.DEFAULT, param.default
+            if name not in bound.arguments and kind != FastBinder.DEFAULT:
                 return None
-            sources.append((name, param.kind is inspect.Parameter.POSITIONAL_ONLY, name in self.tensor_params,
-                            src))
-        return FastBinder(self, sources)
+            special = (FastBinder.RETURN_DICT if name == "return_dict" and self.has_return_dict
+                       else FastBinder.NUMBER_TO_TENSOR if name in self.tensor_params else 0)
+            plan.append((kind, src, special))
+        return FastBinder(self, plan)
 
     @staticmethod
     def key(args: tuple, kwargs: dict) -> tuple:
@@ -138,14 +139,13 @@ class FastBinder:
     tensors on the model's device, ``return_dict`` forced — without ``inspect``. :meth:`matches` says whether a
     call's leaves are what the graph was made for (shapes, dtypes, devices, constants)."""
 
-    def __init__(self, signature: CallSignature, sources: list):
+    POSITIONAL, KEYWORD, DEFAULT = 0, 1, 2  # where a parameter's value comes from
+    RETURN_DICT, NUMBER_TO_TENSOR = 1, 2  # what is done to it (0: nothing)
+
+    def __init__(self, signature: CallSignature, plan: list):
         self.signature = signature
-        self.sources = sources
-        #: per parameter: (0 positional / 1 keyword / 2 default, index, key or value, special) — special: 1 for
-        #: return_dict, 2 for a tensor parameter that may receive a number, 0 otherwise
-        self._plan = [(0 if kind == "arg" else 1 if kind == "kw" else 2, src,
-                       1 if name == "return_dict" and signature.has_return_dict else 2 if tensor_param else 0)
-                      for name, _, tensor_param, (kind, src) in sources]
+        #: per parameter, in signature order: (source kind, positional index / keyword / default value, special)
+        self._plan = plan
         self.accepted: tuple | None = None  # descriptors of the leaves the graph takes
         self.device: torch.device | None = None  # of the first tensor leaf
 
@@ -154,9 +154,9 @@ class FastBinder:
         out: list = []
         want_dict = True
         for kind, src, special in self._plan:
-            value = args[src] if kind == 0 else kwargs[src] if kind == 1 else src
+            value = args[src] if kind == 0 else kwargs[src] if kind == 1 else src  # POSITIONAL, KEYWORD, DEFAULT
             if special:
-                if special == 1:
+                if special == 1:  # RETURN_DICT
                     want_dict, value = bool(value), True
                 elif isinstance(value, (int, float)) and not isinstance(value, bool):
                     value = torch.tensor(value, device=device_of(self.signature.model))
@@ -170,9 +170,10 @@ class FastBinder:
     def describe(leaves: list) -> tuple:
         return tuple((x.shape, x.dtype, x.device) if isinstance(x, torch.Tensor) else (type(x), x) for x in leaves)
 
-    def accept(self, leaves: list) -> None:
-        """Take calls whose leaves are like ``leaves`` (already checked against the traced call)."""
-        self.accepted = self.describe(leaves)
+    def accept(self, leaves: list, described: tuple | None = None) -> None:
+        """Take calls whose leaves are like ``leaves`` (already checked against the traced call; ``described``:
+        their :meth:`describe`, when already made)."""
+        self.accepted = described if described is not None else self.describe(leaves)
         self.device = next((x.device for x in leaves if isinstance(x, torch.Tensor)), torch.device("cpu"))
 
     def matches(self, leaves: list) -> bool:

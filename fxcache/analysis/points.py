@@ -31,7 +31,7 @@ import torch.fx
 from fxcache.analysis.flops import node_flops
 from fxcache.analysis.structure import Block, Structure
 from fxcache.errors import InputError
-from fxcache.ir.meta import info, key_of, module_paths_of, op_name
+from fxcache.ir.meta import info, key_of, module_paths_of, op_name, within
 from fxcache.ir.points import CachePoint
 
 log = logging.getLogger(__name__)
@@ -382,7 +382,7 @@ def attention_kind(gm: torch.fx.GraphModule, point: CachePoint) -> str | None:
     kinds = set()
     for n in nodes:
         path = info(n).module_path
-        if "scaled_dot_product" in op_name(n) and (path == prefix or path.startswith(prefix + ".")):
+        if "scaled_dot_product" in op_name(n) and within(path, prefix):
             kinds.add("self" if n.args[1] in from_sample else "cross")
     if not kinds:
         return None

@@ -26,7 +26,7 @@ import torch
 import torch.fx
 
 from fxcache.errors import InputError
-from fxcache.ir.meta import info, module_paths_of, op_name
+from fxcache.ir.meta import info, module_paths_of, op_name, within
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class _Analysis:
         claimed: list[str] = []
 
         def inside_claimed(p: str) -> bool:
-            return any(p == c or p.startswith(c + ".") for c in claimed)
+            return any(within(p, c) for c in claimed)
 
         stacks: list[tuple[str, list[str]]] = []
         stack_parents: set[str] = set()

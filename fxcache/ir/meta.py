@@ -58,6 +58,12 @@ def module_path_of(node: torch.fx.Node) -> str:
     return list(stack.values())[-1][0]
 
 
+def within(path: str, module: str) -> bool:
+    """Whether module path ``path`` is ``module`` or one of its submodules (``blocks.1`` is within ``blocks``,
+    ``blocks10`` is not)."""
+    return path == module or path.startswith(module + ".")
+
+
 def module_paths_of(node: torch.fx.Node) -> list[str]:
     """All modules executing ``node``, outermost first, without the root."""
     stack = node.meta.get("nn_module_stack") or {}

@@ -16,7 +16,7 @@ import torch
 import torch.fx
 
 from fxcache.errors import IRError
-from fxcache.ir.meta import NodeInfo, info, key_of, op_name, set_info
+from fxcache.ir.meta import NodeInfo, info, key_of, op_name, set_info, within
 from fxcache.ir.names import IO_META, cache_input, token_index_input, write_output
 from fxcache.ir.points import CachePoint
 from fxcache.passes.base import FxPass, PassResult
@@ -42,7 +42,7 @@ def layer_nodes(gm: torch.fx.GraphModule, point: CachePoint) -> list[torch.fx.No
     cast the layer's output before using it)."""
     prefix = point.key[len("layer:"):]
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"
-             and (info(n).module_path == prefix or info(n).module_path.startswith(prefix + "."))]
+             and within(info(n).module_path, prefix)]
     inside = set(nodes)
     value = next((n for n in gm.graph.nodes if key_of(n) == point.nodes[0]), None)
     tail, cur = [], value

@@ -22,7 +22,7 @@ import torch
 import torch.fx
 
 from fxcache.ir.copy import fetch_attr
-from fxcache.ir.meta import NodeInfo, info, op_name, set_info
+from fxcache.ir.meta import NodeInfo, info, op_name, set_info, within
 from fxcache.passes.base import FxPass, PassResult
 
 log = logging.getLogger(__name__)
@@ -31,10 +31,6 @@ __all__ = ["REGIONS_META", "OutlineBlocks"]
 
 #: ``gm.meta[REGIONS_META]``: ``{"blocks": {block path: region index}, "regions": number of distinct regions}``
 REGIONS_META = "fxcache_regions"
-
-
-def _inside(path: str, block: str) -> bool:
-    return path == block or path.startswith(block + ".")
 
 
 class OutlineBlocks(FxPass):
@@ -62,7 +58,7 @@ class OutlineBlocks(FxPass):
         regions = self.regions
         placed: dict[str, int] = {}
         for block in self.blocks:
-            members = [n for n in graph.nodes if n.op == "call_function" and _inside(info(n).module_path, block)]
+            members = [n for n in graph.nodes if n.op == "call_function" and within(info(n).module_path, block)]
             if not members:
                 continue
             built = self._extract(graph_module, block, members, self.aliasing_inputs)
