@@ -22,8 +22,8 @@ Sections, in this order, each in a child process with its own time limit inside 
 
 Every row is written to ``<out>/gpu_check.json`` (atomically) as soon as it is measured; a row that would not fit
 in its section's time is written as skipped, with the reason. Models have random weights (speed does not depend
-on them). "ideal" is what ``benchmarks/speed.py`` defines: the run's step-graph calls replayed back to back
-outside fxcache, each with its own inputs.
+on them). "ideal" is what ``benchmarks/speed.py`` defines: the run with a runtime that costs nothing — the sampler
+around the run's step-graph calls replayed in order, each with its own inputs.
 """
 
 from __future__ import annotations

@@ -25,13 +25,16 @@ Rows, all in one process, in this order:
 * **cache-dit** ``DBCache`` F1B0 with a static ``steps_computation_mask`` of k full steps, eager and with the
   transformer compiled.
 
-Columns: median wall time of ``--repeats`` runs after warm-up; **ideal** = the run's graph calls replayed back to back
-outside fxcache, each with the inputs it had in the run — the sum of the step graphs' own times, in the run's order
-(so wall / ideal ≤ 1.05 means the runtime, and the sampler loop around it, add ≤ 5 %), timed alternately with the
-runs (median of as many replays); **overhead** =
+Columns: median wall time of ``--repeats`` runs after warm-up; **ideal** = the same run with a runtime that costs
+nothing: the sampler loop around a stand-in denoiser whose every call runs exactly the step-graph calls the real call
+made (same graphs, same inputs, in order) and returns what the real call returned — so wall / ideal ≤ 1.05 means
+fxcache's runtime adds ≤ 5 %; **× graphs only** = wall / the graph calls replayed back to back without the sampler
+(the sampler's own work — noise, Euler update — counts against this one; the uncached rows have only this); all
+three timed alternately (medians); **overhead** =
 (wall − ideal) / calls, the runtime's cost per denoiser call in µs; **runtime (stubbed graphs)** = the same cost
-measured without the graphs' time and its noise (eager rows: every step graph replaced by a stub returning its
-recorded outputs, against the whole denoiser replaced by a stub); **build** = seconds from nothing to a ready run
+measured without the graphs' time and its noise (every step graph replaced by a stub returning its recorded
+outputs, against the whole denoiser replaced by a stub; compiled or not, the runtime around the graphs is the same) and **× ideal (stubbed)** = 1 + that cost × steps / ideal, the ratio free of the wall clock's noise
+(a shared CPU scatters single wall ratios by ±15 %); **build** = seconds from nothing to a ready run
 (plan + compilation + the first run; inductor's on-disk caches are off unless ``--warm-cache``); speedup against
 uncached torch.compile; peak accelerator memory; bytes held by fxcache's cache at the end of a run. Results go to
 ``<out>/speed_<model>_<device>.json`` (+ ``.md``), written atomically, with the machine named. A ``--full`` value
@@ -177,11 +180,13 @@ def timed(fn: Callable, device: str, repeats: int, warmup: int = 1) -> tuple[flo
     return statistics.median(times), times
 
 
-def record_run(opt, loop) -> tuple[list, list]:
-    """One real run of ``loop`` through ``opt``, recorded: ``(graph calls, results)`` — every step-graph call as
-    ``(graph, inputs, outputs)`` in order, and what each denoiser call returned."""
+def record_run(opt, loop) -> tuple[list, list, list]:
+    """One real run of ``loop`` through ``opt``, recorded: ``(graph calls, results, starts)`` — every step-graph call
+    as ``(graph, inputs, outputs)`` in order, what each denoiser call returned, and the index of each denoiser
+    call's first graph call."""
     graph_calls: list = []
     results: list = []
+    starts: list = []
     original = opt._callable
 
     def spy(variant):
@@ -195,6 +200,7 @@ def record_run(opt, loop) -> tuple[list, list]:
         return call
 
     def recording(*args, **kwargs):
+        starts.append(len(graph_calls))
         out = opt(*args, **kwargs)
         results.append(out)
         return out
@@ -206,51 +212,65 @@ def record_run(opt, loop) -> tuple[list, list]:
             loop(recording)
     finally:
         del opt._callable
-    return graph_calls, results
+    return graph_calls, results, starts
 
 
-def fxcache_replay(opt, loop) -> tuple[Callable, int]:
-    """``(replay, graph calls)`` of one run (:func:`record_run`); ``replay()`` runs the graph calls back to back
-    outside fxcache — the step graphs' own time, in the run's order (so with the run's cache behaviour), without
-    the runtime around them."""
-    graph_calls, _ = record_run(opt, loop)
+def fxcache_replay(opt, loop) -> tuple[Callable, Callable, int]:
+    """``(replay, graphs_only, graph calls)`` of one run (:func:`record_run`). ``replay()`` is the run as it would be
+    with a runtime that costs nothing: the sampler ``loop`` around a stand-in denoiser whose call ``i`` runs exactly
+    the graph calls the real call ``i`` made (same graphs, same inputs, in order) and returns what it returned.
+    ``graphs_only()`` runs the graph calls back to back, without the sampler either."""
+    graph_calls, results, starts = record_run(opt, loop)
+    bounds = [*starts[1:], len(graph_calls)]
+    cursor = [0]
+
+    def stand_in(*args, **kwargs):
+        i = cursor[0]
+        cursor[0] = (i + 1) % len(results)
+        for fn, inputs, _ in graph_calls[starts[i]:bounds[i]]:
+            fn(*inputs)
+        return results[i]
 
     def replay():
+        cursor[0] = 0
+        loop(stand_in)
+
+    def graphs_only():
         for fn, inputs, _ in graph_calls:
             fn(*inputs)
 
-    return replay, len(graph_calls)
+    return replay, graphs_only, len(graph_calls)
 
 
 def fxcache_ideal(opt, loop, device: str, repeats: int = 5) -> tuple[float, int]:
-    """``(ideal seconds, graph calls)``: the median of ``repeats`` replays (:func:`fxcache_replay`)."""
-    replay, calls = fxcache_replay(opt, loop)
+    """``(ideal seconds, graph calls)``: the median of ``repeats`` zero-cost-runtime runs (:func:`fxcache_replay`)."""
+    replay, _, calls = fxcache_replay(opt, loop)
     return timed(replay, device, repeats, warmup=1)[0], calls
 
 
-def interleaved(fn: Callable, replay: Callable, device: str, repeats: int, warmup: int) -> tuple:
-    """``(median wall, wall times, median ideal)``: runs and replays alternate, so a machine whose speed drifts
-    (a shared CPU) slows both alike."""
-    walls, ideals = [], []
+def interleaved(fns: list[Callable], device: str, repeats: int, warmup: int) -> list[tuple[float, list[float]]]:
+    """``(median, times)`` of each of ``fns``, timed in alternation (a machine whose speed drifts — a shared CPU —
+    slows all of them alike)."""
+    times: list[list[float]] = [[] for _ in fns]
     with torch.no_grad():
         for _ in range(warmup):
-            fn()
-            replay()
+            for f in fns:
+                f()
         for _ in range(repeats):
-            for f, out in ((fn, walls), (replay, ideals)):
+            for f, out in zip(fns, times):
                 _sync(device)
                 start = time.perf_counter()
                 f()
                 _sync(device)
                 out.append(time.perf_counter() - start)
-    return statistics.median(walls), walls, statistics.median(ideals)
+    return [(statistics.median(t), t) for t in times]
 
 
 def runtime_cost(opt, loop, device: str, repeats: int) -> float:
     """The runtime's own cost per denoiser call in µs, free of the graphs' time and of its noise: the run with every
     step graph replaced by a stub returning that call's recorded outputs, against the run with the whole denoiser
     replaced by a stub returning the call's recorded result (medians of alternating runs)."""
-    graph_calls, results = record_run(opt, loop)
+    graph_calls, results, _ = record_run(opt, loop)
     graph_outs = [out for _, _, out in graph_calls]
     cursor = {"graph": 0, "call": 0}
 
@@ -271,8 +291,8 @@ def runtime_cost(opt, loop, device: str, repeats: int) -> float:
     try:
         opt.reset()
         cursor["graph"] = 0
-        with_runtime, _, without = interleaved(lambda: loop(opt), lambda: loop(stub_denoiser), device,
-                                               max(repeats, 20), 2)
+        (with_runtime, _), (without, _) = interleaved([lambda: loop(opt), lambda: loop(stub_denoiser)], device,
+                                                      max(repeats, 20), 2)
     finally:
         del opt._callable
         opt.reset()
@@ -305,21 +325,29 @@ def run(args) -> dict:
     backend = args.backend if args.backend != "auto" else ("inductor" if device == "cuda" else "aot_eager")
     rows: list[dict] = []
 
-    def record(name: str, fn: Callable, ideal: float | None = None, calls: int | None = None,
-               build_s: float | None = None, replay: Callable | None = None, **extra) -> dict:
+    def record(name: str, fn: Callable, graphs: float | None = None, calls: int | None = None,
+               build_s: float | None = None, replay: Callable | None = None, graphs_only: Callable | None = None,
+               **extra) -> dict:
         """Time ``fn`` (a sampling run); ``build_s``: seconds to make it ready (first run, compilation included);
-        ``replay``: the run's graph calls without the runtime, timed alternately with ``fn`` as the ideal."""
+        ``replay``: the run with a runtime that costs nothing (the ideal) and ``graphs_only``: its graph calls alone,
+        both timed alternately with ``fn``; ``graphs``: the graph calls' seconds, when known otherwise."""
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
+        ideal = None
         if replay is not None:
-            wall, times, ideal = interleaved(fn, replay, device, args.repeats, args.warmup)
+            (wall, times), (ideal, _), (graphs, _) = interleaved([fn, replay, graphs_only], device, args.repeats,
+                                                                 args.warmup)
         else:
             wall, times = timed(fn, device, args.repeats, warmup=args.warmup)
         overhead = (wall - ideal) / calls * 1e6 if ideal and calls else None
         row = {"row": name, "wall_s": wall, "times_s": times, "ideal_s": ideal,
-               "ratio_to_ideal": wall / ideal if ideal else None, "overhead_us_per_call": overhead,
+               "ratio_to_ideal": wall / ideal if ideal else None, "graphs_s": graphs,
+               "ratio_to_graphs": wall / graphs if graphs else None, "overhead_us_per_call": overhead,
                "build_s": build_s, **memory_row(device), **extra, "total_s": time.perf_counter() - start}
+        runtime_us = extra.get("runtime_us_per_call")
+        if ideal and runtime_us is not None:  # the same ratio, from the noise-free runtime cost (runs of 1 call/step)
+            row["ratio_to_ideal_stubbed"] = 1 + runtime_us * 1e-6 * args.steps / ideal
         rows.append(row)
         log.info("%-62s %8.4f s%s%s", name, wall, f"  (x{wall / ideal:.3f} ideal, {overhead:+.0f} us/call)"
                  if ideal and calls else "", f"  build {build_s:.1f} s" if build_s is not None else "")
@@ -330,14 +358,14 @@ def run(args) -> dict:
         x0 = torch.randn(shape).to(device, dtype)
         probe = kwargs(x0, torch.tensor(0.5, device=device))
     full_call = timed(lambda: model(**probe), device, 10, warmup=2)[0]
-    record("uncached eager", lambda: loop(model), ideal=full_call * args.steps, calls=args.steps)
+    record("uncached eager", lambda: loop(model), graphs=full_call * args.steps, calls=args.steps)
     base = rows[-1]
     if not args.no_uncached_compile:
         compiled = torch.compile(model, backend=backend)
         ready = first_run(lambda: loop(compiled), device)
         compiled_call = timed(lambda: compiled(**probe), device, 10, warmup=2)[0]
         base = record(f"uncached torch.compile ({backend})", lambda: loop(compiled),
-                      ideal=compiled_call * args.steps, calls=args.steps, build_s=ready)
+                      graphs=compiled_call * args.steps, calls=args.steps, build_s=ready)
         del compiled
         _uncompile(model)
     if "diffusers" in args.peers and hasattr(model, "compile_repeated_blocks"):
@@ -376,10 +404,10 @@ def run(args) -> dict:
                 ready = time.perf_counter() - start
                 stats = opt.stats()
                 cache_bytes = opt.cache_bytes()
-                runtime_us = runtime_cost(opt, loop, device, args.repeats) if be is None else None
-                replay, calls = fxcache_replay(opt, loop)
+                runtime_us = runtime_cost(opt, loop, device, args.repeats)
+                replay, graphs_only, calls = fxcache_replay(opt, loop)
                 record(f"fxcache Scheduled({k}/{args.steps}, {action}) {label}", lambda opt=opt: loop(opt),
-                       replay=replay, calls=calls, build_s=ready, computed_fraction=stats["computed_fraction"],
+                       replay=replay, graphs_only=graphs_only, calls=calls, build_s=ready, computed_fraction=stats["computed_fraction"],
                        cache_bytes=cache_bytes, variants=len(opt.variants), runtime_us_per_call=runtime_us,
                        regions=getattr(opt, "compiled_regions", 0))
                 del opt
@@ -465,20 +493,24 @@ def _uncompile(model) -> None:
 def markdown(result: dict) -> str:
     lines = [(f"`{result['command']}` on {result['machine']} ({result['model']}, {result['steps']} steps, "
              f"{result['dtype']}, torch {result['torch']})"), "",
-             (f"| row | wall (s) | × ideal | overhead (µs/call) | runtime (µs/call, stubbed graphs) | build (s) | "
-              f"speedup vs {result['baseline']} | peak mem (GiB) | cache (MiB) |"),
-             "|---|---|---|---|---|---|---|---|---|"]
+             (f"| row | wall (s) | × ideal | × ideal (stubbed) | × graphs only | overhead (µs/call) | "
+              f"runtime (µs/call, stubbed graphs) | "
+              f"build (s) | speedup vs {result['baseline']} | peak mem (GiB) | cache (MiB) |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['row']} | refused: {r['error'][:80]} | | | | | | | |")
+            lines.append(f"| {r['row']} | refused: {r['error'][:80]} | | | | | | | | | |")
             continue
         ratio = f"{r['ratio_to_ideal']:.3f}" if r.get("ratio_to_ideal") else ""
+        to_graphs = f"{r['ratio_to_graphs']:.3f}" if r.get("ratio_to_graphs") else ""
+        stubbed = f"{r['ratio_to_ideal_stubbed']:.3f}" if r.get("ratio_to_ideal_stubbed") else ""
         over = f"{r['overhead_us_per_call']:.0f}" if r.get("overhead_us_per_call") is not None else ""
         build = f"{r['build_s']:.1f}" if r.get("build_s") is not None else ""
         runtime = f"{r['runtime_us_per_call']:.0f}" if r.get("runtime_us_per_call") is not None else ""
         mem = f"{r['peak_memory_gib']:.1f}" if "peak_memory_gib" in r else ""
         cache = f"{r['cache_bytes'] / 2**20:.3g}" if "cache_bytes" in r else ""
-        lines.append(f"| {r['row']} | {r['wall_s']:.4f} | {ratio} | {over} | {runtime} | {build} | "
+        lines.append(f"| {r['row']} | {r['wall_s']:.4f} | {ratio} | {stubbed} | {to_graphs} | {over} | {runtime} | "
+                     f"{build} | "
                      f"{r['speedup_vs_uncached_compiled']:.2f}× | {mem} | {cache} |")
     return "\n".join(lines) + "\n"
 

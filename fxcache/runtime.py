@@ -49,6 +49,18 @@ class _Recipe:
     inputs: list
     orders: dict
     writes: list
+    #: per ``only`` (the points a call stores), the output positions it need not copy out of CUDA-graph buffers
+    transient: dict = dataclasses.field(default_factory=dict)
+
+    def transient_outputs(self, store: bool, only) -> frozenset:
+        """Output positions that do not outlive the call: the writes a storing call does not store (``only``)."""
+        key = only if store else None
+        skip = self.transient.get(key)
+        if skip is None:
+            skip = self.transient[key] = frozenset(
+                i for point, indices in self.writes if store and only is not None and point not in only
+                for i in indices)
+        return skip
 
 
 class StepCall:
@@ -465,8 +477,9 @@ class OptimizedDenoiser(torch.nn.Module):
                 flat = self._callable(variant)(*inputs)
         else:
             flat = self._callable(variant)(*inputs)
-        if compiled is not None and compiled.compiler.cuda_graphs:
-            flat = tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in flat)  # replays reuse buffers
+        if compiled is not None and compiled.compiler.cuda_graphs:  # replays reuse their output buffers: copy out
+            skip = recipe.transient_outputs(store, only)  # a write not stored this step is not copied
+            flat = tuple(x.clone() if isinstance(x, torch.Tensor) and i not in skip else x for i, x in enumerate(flat))
         if store:
             for point, indices in recipe.writes:
                 if only is None or point in only:

@@ -161,6 +161,22 @@ def test_a_plan_has_one_full_size_graph(dit, smp, prof, method):
     assert torch.equal(seeded_run(opt, smp, 3), want)
 
 
+def test_cuda_graph_outputs_copied_out_are_the_ones_that_outlive_the_call(dit, smp, prof):
+    """With CUDA graphs a replay reuses its output buffers: what outlives a call is copied out — the model's outputs
+    and the writes the step stores — but not the widest graph's writes a step does not store."""
+    opt = _opt(dit, smp, prof, M.Scheduled(full=[0, 1, 4, 7]))
+    seeded_run(opt, smp, 3)
+    program = opt.program
+    variant = program.variant_of_step[7]
+    recipe = opt._recipes[variant]
+    io = program.io(variant)
+    written = {i for _, indices in recipe.writes for i in indices}
+    assert written and all(i >= io["num_model_outputs"] for i in written)
+    assert recipe.transient_outputs(True, program.writes_of_step[7]) == written  # step 7 stores nothing
+    assert recipe.transient_outputs(True, program.writes_of_step[0]) == frozenset()  # step 0 stores them all
+    assert recipe.transient_outputs(False, None) == frozenset()  # a caller that keeps the outputs itself
+
+
 def test_a_gate_has_one_computing_suffix(dit, smp, prof):
     opt = _opt(dit, smp, prof, M.FBCache(threshold=0.3))
     gate = next(p for p in opt._policies if hasattr(p, "variants") and p.variants)
