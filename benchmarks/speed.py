@@ -353,6 +353,8 @@ def run(args) -> dict:
                  if ideal and calls else "", f"  build {build_s:.1f} s" if build_s is not None else "")
         return row
 
+    record.rows = rows  # for rows added without timing (a refused configuration)
+
     # uncached
     with torch.no_grad():
         x0 = torch.randn(shape).to(device, dtype)
@@ -407,10 +409,13 @@ def run(args) -> dict:
                 runtime_us = runtime_cost(opt, loop, device, args.repeats)
                 replay, graphs_only, calls = fxcache_replay(opt, loop)
                 record(f"fxcache Scheduled({k}/{args.steps}, {action}) {label}", lambda opt=opt: loop(opt),
-                       replay=replay, graphs_only=graphs_only, calls=calls, build_s=ready, computed_fraction=stats["computed_fraction"],
-                       cache_bytes=cache_bytes, variants=len(opt.variants), runtime_us_per_call=runtime_us,
+                       replay=replay, graphs_only=graphs_only, calls=calls, build_s=ready,
+                       computed_fraction=stats["computed_fraction"], cache_bytes=cache_bytes,
+                       variants=len(opt.variants), runtime_us_per_call=runtime_us,
                        regions=getattr(opt, "compiled_regions", 0))
                 del opt
+            if args.onnx:
+                onnx_row(model, prof, loop, k, action, args, record)
     if "diffusers" in args.peers:
         rows.extend(diffusers_rows(model, loop, args, record, backend))
     if "cache-dit" in args.peers:
@@ -418,6 +423,38 @@ def run(args) -> dict:
     for row in rows:
         row["speedup_vs_uncached_compiled"] = base["wall_s"] / row["wall_s"] if "wall_s" in row else None
     return {"rows": rows, "backend": backend, "profile_s": profile_s, "baseline": base["row"]}
+
+
+def onnx_row(model, prof, loop, k: int, action: str, args, record) -> None:
+    """The same plan exported (:func:`fxcache.export`) and served by :class:`fxcache.OnnxDenoiser`: CPU EP on the
+    CPU, CUDA EP on CUDA when onnxruntime-gpu is installed (a refused row otherwise). ``build`` = export + session
+    creation + the first run."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    name = f"fxcache Scheduled({k}/{args.steps}, {action}) onnxruntime"
+    providers = ["CPUExecutionProvider"]
+    if args.device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            error = "onnxruntime-gpu is not installed (the CPU EP would copy every tensor to the host)"
+            record.rows.append({"row": name, "error": error})
+            log.warning("%s: %s", name, error)
+            return
+        providers = ["CUDAExecutionProvider"]
+    start = time.perf_counter()
+    opt = fxcache.optimize(model, [0], sampler=loop, method=M.Scheduled(full=k, action=action), profile=prof,
+                           progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = fxcache.export(opt, os.path.join(tmp, "engines"))
+        export_s = time.perf_counter() - start
+        served = fxcache.OnnxDenoiser(directory, providers)
+        with torch.no_grad():
+            loop(served)
+        _sync(args.device)
+        ready = time.perf_counter() - start
+        record(f"{name} ({providers[0]})", lambda: loop(served), build_s=ready, export_s=export_s,
+               computed_fraction=served.stats()["computed_fraction"], variants=len(served.program.graphs))
 
 
 def diffusers_rows(model, loop, args, record, backend) -> list[dict]:
@@ -540,6 +577,9 @@ def main(argv: list[str] | None = None) -> int:
                         choices=("blocks", "nested", "graph", "default"),
                         help="how fxcache hands step graphs to the compiler, one row each (see "
                              "OptimizedDenoiser.compile); default: compile()'s own default, without the argument")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also export each fxcache plan to ONNX and time it served by fxcache.OnnxDenoiser "
+                             "(onnxruntime: CPU EP, or CUDA EP with onnxruntime-gpu)")
     parser.add_argument("--no-uncached-compile", action="store_true",
                         help="skip the uncached torch.compile row (speedups are then against uncached eager)")
     parser.add_argument("--warm-cache", action="store_true",

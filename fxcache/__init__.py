@@ -2,7 +2,9 @@
 
 from fxcache import ir, methods
 from fxcache.analysis.structure import Block, Stack, Structure
+from fxcache.deploy import OnnxDenoiser, TensorRTDenoiser, export
 from fxcache.errors import (
+    ExportError,
     FxCacheError,
     FxCacheWarning,
     IncompleteRunWarning,
@@ -24,11 +26,13 @@ __version__ = "0.1.0"
 __all__ = [
     "Block",
     "CachePoint",
+    "ExportError",
     "FxCacheError",
     "FxCacheWarning",
     "IRError",
     "IncompleteRunWarning",
     "InputError",
+    "OnnxDenoiser",
     "OptimizedDenoiser",
     "Plan",
     "PlanError",
@@ -36,9 +40,11 @@ __all__ = [
     "ProfileError",
     "Stack",
     "Structure",
+    "TensorRTDenoiser",
     "TraceError",
     "TracedDenoiser",
     "__version__",
+    "export",
     "ir",
     "load",
     "methods",

@@ -1,4 +1,5 @@
-"""``fxcache`` command line. ``fxcache demo`` runs the whole flow on the bundled trained digits model.
+"""``fxcache`` command line. ``fxcache demo`` runs the whole flow on the bundled trained digits model;
+``fxcache export`` writes a saved plan's step engines (ONNX, TensorRT) for a model a loader function returns.
 
 Errors print one line naming the cause and exit with status 2 (``--debug`` shows the traceback).
 """
@@ -91,15 +92,76 @@ def demo(args: argparse.Namespace) -> int:
     with open(os.path.join(out, "search.txt"), "w") as f:
         f.write(opt.search_report() + "\n")
     opt.plan.save(os.path.join(out, "plan.json"))
+    exported = ""
+    if args.export:
+        exported = _demo_export(opt, sampler, held_out, args.export)
     fraction = opt.search.best.fraction
     log.info("4/4 done.\n"
              "  plan: %s\n"
              "  computed fraction %.3f -> %.2fx fewer FLOPs; wall clock on this machine %.2fx (eager, CPU)\n"
              "  held-out PSNR vs uncached: mean %.2f dB, min %.2f dB (10 prompts)\n"
              "  search took %.1f s\n"
-             "  wrote %s/{profile.txt, profile.png, search.txt, plan.json}",
+             "  wrote %s/{profile.txt, profile.png, search.txt, plan.json}%s",
              opt.search.best.name, fraction, 1 / fraction, t_ref / t_opt, sum(psnrs) / len(psnrs), min(psnrs),
-             search_time, out)
+             search_time, out, exported)
+    return 0
+
+
+def _psnr(got, ref) -> float:
+    mse = float((got - ref).pow(2).mean())
+    return 10 * math.log10(4.0 / mse) if mse > 0 else float("inf")
+
+
+def _demo_export(opt, sampler, prompts, directory: str) -> str:
+    """Export the demo's plan to ONNX, serve it with onnxruntime and compare the held-out samples with the torch
+    plan's (PSNR against the uncached model, both)."""
+    _require("onnxruntime", "onnx", "fxcache demo --export")
+    import torch
+
+    import fxcache
+
+    log.info("export the plan to ONNX (%s) and run the held-out prompts through onnxruntime ...", directory)
+    start = time.time()
+    fxcache.export(opt, directory, overwrite=True)
+    export_s = time.time() - start
+    served = fxcache.OnnxDenoiser(directory)
+    model = opt.fxcache_model
+    torch_psnr, onnx_psnr, worst = [], [], 0.0
+    with torch.no_grad():
+        for p in prompts:
+            ref, mine, theirs = sampler(model, p), sampler(opt, p), sampler(served, p)
+            torch_psnr.append(_psnr(mine, ref))
+            onnx_psnr.append(_psnr(theirs, ref))
+            worst = max(worst, float((theirs - mine).abs().max()))
+    return (f"\n  ONNX export: {directory} ({len(served.program.graphs)} step graphs, {export_s:.1f} s); held-out "
+            f"PSNR through onnxruntime {sum(onnx_psnr) / len(onnx_psnr):.2f} dB vs the torch plan's "
+            f"{sum(torch_psnr) / len(torch_psnr):.2f} dB (largest pixel difference {worst:.2g})")
+
+
+def export(args: argparse.Namespace) -> int:
+    """``fxcache export PLAN --model MODULE:FUNCTION --out DIR``: the loader returns ``(model, call kwargs)`` — the
+    denoiser and one call of it (to trace and bind the plan; nothing is run)."""
+    import importlib
+
+    import fxcache
+
+    module_name, _, function = args.model.partition(":")
+    if not module_name or not function:
+        raise CliError(f"--model must be MODULE:FUNCTION (a loader returning (model, call kwargs)), got "
+                       f"{args.model!r}")
+    try:
+        loader = getattr(importlib.import_module(module_name), function)
+    except (ImportError, AttributeError) as e:
+        raise CliError(f"cannot load the model loader {args.model}: {e}") from e
+    loaded = loader()
+    if not (isinstance(loaded, tuple) and len(loaded) == 2 and isinstance(loaded[1], dict)):
+        raise CliError(f"{args.model} must return (model, call kwargs), got {type(loaded).__name__}")
+    model, example = loaded
+    opt = fxcache.load(args.plan, model).bind(**example)
+    start = time.time()
+    directory = fxcache.export(opt, args.out, args.format, opset=args.opset, overwrite=args.overwrite,
+                               precision=args.precision)
+    log.info("exported %s (%s) to %s in %.1f s", args.plan, args.format, directory, time.time() - start)
     return 0
 
 
@@ -126,7 +188,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=_steps, default=20, help="sampling steps (>= 2)")
     d.add_argument("--out", default="fxcache-demo", help="directory for the reports and the plan")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.add_argument("--export", metavar="DIR", help="also export the plan to ONNX in DIR and compare the held-out "
+                                                   "samples through onnxruntime with the torch plan's")
     d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="as fxcache --debug")
+    e = sub.add_parser("export", formatter_class=fmt, help="export a saved plan's step engines (ONNX / TensorRT)",
+                       description="Write one engine per step variant, the shared weights and manifest.json "
+                                   "(serve with fxcache.OnnxDenoiser / TensorRTDenoiser).")
+    e.add_argument("plan", help="a plan saved with fxcache (plan.json)")
+    e.add_argument("--model", required=True, metavar="MODULE:FUNCTION",
+                   help="a function returning (model, call kwargs): the denoiser and one call of it, e.g. "
+                        "fxcache.testing.digits:digits_example")
+    e.add_argument("--out", required=True, help="the directory to write (atomically)")
+    e.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx", help="engine format")
+    e.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18; 23 exports SDPA as Attention)")
+    e.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                   help="TensorRT precision (auto: the graph's own types)")
+    e.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="as fxcache --debug")
     return parser
 
 
@@ -137,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("fxcache").setLevel(logging.DEBUG if debug else logging.WARNING)
     logging.getLogger("fxcache.cli").setLevel(logging.INFO)
-    commands = {"demo": demo}
+    commands = {"demo": demo, "export": export}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

@@ -39,6 +39,11 @@ class PlanError(InputError):
     reason."""
 
 
+class ExportError(InputError):
+    """An exported plan cannot be written or served: a method whose step logic cannot leave torch, a directory with
+    a missing or corrupted file, a manifest of another format version — names the method or the file."""
+
+
 class CliError(FxCacheError):
     """A problem the ``fxcache`` command reports in one line (exit status 2): a missing extra, an unusable path."""
 

@@ -170,17 +170,22 @@ class OptimizedDenoiser(torch.nn.Module):
                             f"{traced.fingerprint}: the model, its configuration or the call shapes differ")
         points = self.plan.all_points(points)
         self.plan.validate(points)
-        self.traced = traced
-        self.program = StepProgram(traced, self.plan, points, graph_cache)
-        self._policies = policies_for(self.plan)
-        for policy in self._policies:
-            policy.prepare(self.program)
-        self._store = CacheStore(self.program.max_order)
-        # submodules are found through nn.Module.__getattr__ (slow, several times per call): mirror them in the
-        # instance dict, where attribute lookup finds them first (assigning either again drops the mirror)
-        self.__dict__["traced"], self.__dict__["program"] = traced, self.program
+        self._attach(traced, StepProgram(traced, self.plan, points, graph_cache))
         if self._compiled is not None and not self._compiled.blocks:
             self._compiled.blocks = tuple(traced.blocks)
+
+    def _attach(self, traced, program) -> None:
+        """Run ``program`` for calls bound by ``traced`` (its ``signature``, ``call_key``): the policies prepared
+        on it, an empty cache store."""
+        self.traced = traced
+        self.program = program
+        self._policies = policies_for(self.plan)
+        for policy in self._policies:
+            policy.prepare(program)
+        self._store = CacheStore(program.max_order)
+        # submodules are found through nn.Module.__getattr__ (slow, several times per call): mirror them in the
+        # instance dict, where attribute lookup finds them first (assigning either again drops the mirror)
+        self.__dict__["traced"], self.__dict__["program"] = traced, program
 
     def _bind_on_first_call(self, args: tuple, kwargs: dict) -> None:
         """A loaded plan meets its model: trace it with this call's inputs, check class, graph and weights."""
@@ -202,6 +207,13 @@ class OptimizedDenoiser(torch.nn.Module):
                             "check_weights=False to fxcache.load to reuse the plan deliberately")
         self._bind(traced, find_cache_points(traced.graph_module, traced.structure)
                    + find_signals(traced.graph_module, traced.structure))
+
+    def bind(self, *args, **kwargs) -> OptimizedDenoiser:
+        """Bind a loaded plan to its model with this example call (traced and checked against the plan's class,
+        graph and weights, as the first call would) without running a step; a bound plan is returned as is."""
+        if self.traced is None:
+            self._bind_on_first_call(args, kwargs)
+        return self
 
     # -- state --------------------------------------------------------------------------------------------------
     def reset(self) -> None:

@@ -45,18 +45,56 @@ _MAX_SHAPE_VARIANTS = 8
 class CallSignature:
     """Binds calls to ``model.forward``'s signature and normalises them the same way at trace and call time."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.owner = type(model).__name__
+    def __init__(self, model: torch.nn.Module | None, *, owner: str | None = None, sig: inspect.Signature | None = None,
+                 tensor_params=None, device: torch.device | None = None):
+        self.owner = owner or type(model).__name__
         self.model = model
+        self._device = device
         try:
-            self.sig = inspect.signature(model.forward)
+            self.sig = sig if sig is not None else inspect.signature(model.forward)
         except (TypeError, ValueError) as e:  # builtins without a signature
             raise InputError(f"cannot read the signature of {self.owner}.forward: {e}") from e
         self.params = self.sig.parameters
         self.has_return_dict = "return_dict" in self.params
         # python numbers passed where the signature admits a tensor become tensors on the model's device, so the
         # graph takes them as inputs instead of baking them in (a UNet's `timestep: Tensor | float | int`)
-        self.tensor_params = {n for n, p in self.params.items() if "Tensor" in str(p.annotation)}
+        self.tensor_params = (set(tensor_params) if tensor_params is not None
+                              else {n for n, p in self.params.items() if "Tensor" in str(p.annotation)})
+
+    @property
+    def device(self) -> torch.device:
+        """Where numbers given for tensor parameters are made: the model's device (or the one given)."""
+        return self._device if self._device is not None else device_of(self.model)
+
+    def to_json(self) -> dict:
+        """The signature as data (an exported plan binds calls without the model's code). Defaults that are not
+        JSON values are recorded as unrepresentable: a call must then give that argument."""
+        params = []
+        for p in self.params.values():
+            entry = {"name": p.name, "kind": int(p.kind)}
+            if p.default is not inspect.Parameter.empty:
+                if p.default is None or isinstance(p.default, (bool, int, float, str)):
+                    entry["default"] = p.default
+                else:
+                    entry["default_repr"] = repr(p.default)
+            params.append(entry)
+        return {"owner": self.owner, "params": params, "tensor_params": sorted(self.tensor_params)}
+
+    @classmethod
+    def from_json(cls, data: dict, device: torch.device) -> CallSignature:
+        """The signature of :meth:`to_json`, making tensors on ``device``. A default that was not a JSON value is
+        restored as a stand-in with the same ``repr`` — what the graph was specialised on (non-tensor leaves are
+        baked into an exported graph, and a call's key records their ``repr``)."""
+        kinds = {int(k): k for k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                      inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.KEYWORD_ONLY,
+                                      inspect.Parameter.VAR_KEYWORD)}
+        params = []
+        for entry in data["params"]:
+            default = (entry["default"] if "default" in entry else _Recorded(entry["default_repr"])
+                       if "default_repr" in entry else inspect.Parameter.empty)
+            params.append(inspect.Parameter(entry["name"], kinds[entry["kind"]], default=default))
+        return cls(None, owner=data["owner"], sig=inspect.Signature(params), tensor_params=data["tensor_params"],
+                   device=device)
 
     def describe(self) -> str:
         return f"{self.owner}.forward{self.sig}"
@@ -73,7 +111,7 @@ class CallSignature:
         for name, value in bound.arguments.items():
             kind = self.params[name].kind
             if name in self.tensor_params and isinstance(value, (int, float)) and not isinstance(value, bool):
-                value = torch.tensor(value, device=device_of(self.model))
+                value = torch.tensor(value, device=self.device)
             if kind is inspect.Parameter.VAR_POSITIONAL:
                 call_args.extend(value)
             elif kind is inspect.Parameter.POSITIONAL_ONLY:
@@ -159,7 +197,7 @@ class FastBinder:
                 if special == 1:  # RETURN_DICT
                     want_dict, value = bool(value), True
                 elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                    value = torch.tensor(value, device=device_of(self.signature.model))
+                    value = torch.tensor(value, device=self.signature.device)
             if type(value) in _CONTAINERS:
                 out.extend(_compat.pytree.tree_leaves(value))
             else:
@@ -190,6 +228,19 @@ class FastBinder:
 
 
 _CONTAINERS = (list, tuple, dict)
+
+
+class _Recorded:
+    """A default value known only by its ``repr`` (an exported signature's non-JSON default)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+_LEAF_TYPES += (_Recorded,)
 
 
 def describe_key_change(old: tuple, new: tuple) -> str:

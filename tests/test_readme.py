@@ -32,5 +32,5 @@ def test_every_readme_snippet_runs_as_written(tmp_path):
     proc = subprocess.run([sys.executable, "readme_snippets.py"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=900, env=env)
     assert proc.returncode == 0, f"README snippets failed:\n{proc.stderr[-4000:]}"
-    for name in ("profile.png", "plan.json", "pipe_plan.json", "calib/profile.json"):
+    for name in ("profile.png", "plan.json", "pipe_plan.json", "calib/profile.json", "engines/manifest.json"):
         assert (tmp_path / name).exists(), name

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.fx
 
+from fxcache.analysis.cut import prefix_cut
 from fxcache.ir.names import IO_META
 from fxcache.ir.points import CachePoint
 from fxcache.plan import Plan, is_forecast, order_of
@@ -34,6 +35,7 @@ class StepProgram(torch.nn.Module):
         self._graph_cache = graph_cache
         self.variants = torch.nn.ModuleDict()
         self.graphs: dict[Variant, torch.fx.GraphModule] = {}
+        self.cuts: dict[tuple[str, ...], tuple[str, ...]] = {}  # a gate's anchors -> its prefix cut
         self.flops: dict[Variant, int] = {}
         wanted = [self.static_variant(s) for s in range(plan.num_steps)]
         #: the graph each step runs: a step's own variant, or a wider one that computes the same and writes more
@@ -65,6 +67,14 @@ class StepProgram(torch.nn.Module):
         writes = tuple(sorted(set(plan.writes_at(step)) | set(token_points)))
         reads = tuple(sorted((k, order_of(a)) for k, a in acts.items() if is_forecast(a)))
         return Variant(writes=writes, reads=reads, tokens=token_points, num_tokens=self._num_tokens(token_points))
+
+    def prefix_cut(self, anchors) -> tuple[str, ...]:
+        """The tensors a gate's prefix hands its suffix when the prefix computes ``anchors``
+        (:func:`fxcache.analysis.cut.prefix_cut` of the traced graph); remembered for the exported manifest."""
+        cut = self.cuts.get(tuple(anchors))
+        if cut is None:
+            cut = self.cuts[tuple(anchors)] = tuple(prefix_cut(self.source, list(anchors)))
+        return cut
 
     @staticmethod
     def widest(variant: Variant, candidates) -> Variant:

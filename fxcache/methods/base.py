@@ -206,6 +206,9 @@ class RuntimePolicy:
 
     #: the :class:`~fxcache.plan.Plan` field this policy implements
     section: ClassVar[str] = ""
+    #: why this policy's step logic cannot run between exported engine calls ("" = it can); an export of a plan
+    #: using it is refused with this reason
+    export_blocker: ClassVar[str] = ""
 
     def __init__(self, plan: Plan):
         self.plan = plan
@@ -214,6 +217,10 @@ class RuntimePolicy:
 
     def prepare(self, program) -> None:
         """Add the step graphs this policy runs beyond the plan's static ones (``program.add(variant)``)."""
+
+    def prepare_all(self, program) -> None:
+        """Add every step graph this policy may ever run, also those :meth:`prepare` leaves to first use (an
+        exported plan has only the graphs that exist when it is exported)."""
 
     def new_run(self) -> None:
         """Forget the state of the run (a new sampling run starts)."""

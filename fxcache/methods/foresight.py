@@ -67,6 +67,10 @@ class LayerAdaptivePolicy(RuntimePolicy):
     def new_run(self) -> None:
         self.state: dict[int, dict] = {}
 
+    def prepare_all(self, program) -> None:
+        for reuse in range(-1, len(self.spec.blocks)):
+            self._variant(program, reuse)
+
     def _variant(self, program, reuse: int) -> Variant:
         outs = self.spec.blocks
         v = Variant(writes=tuple(outs[reuse + 1:]), reads=((outs[reuse], 0),) if reuse >= 0 else ())

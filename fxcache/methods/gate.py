@@ -15,7 +15,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fxcache.analysis.cut import prefix_cut
 from fxcache.engine.store import where_batch
 from fxcache.errors import PlanError
 from fxcache.methods.base import RuntimePolicy, register_policy
@@ -49,7 +48,7 @@ class GatePolicy(RuntimePolicy):
         gate = self.spec
         signal = program.points[gate.signal]
         anchors = [k for k in (*signal.nodes, *signal.bases) if k is not None]
-        cut = tuple(prefix_cut(program.source, anchors))
+        cut = program.prefix_cut(anchors)
         skip_reads = tuple(sorted((k, 0) for k in gate.skip))
         steps = [s for s in range(self.plan.num_steps) if not self.plan.actions(s)]
         prefix = Variant(writes=(signal.key,), part="prefix", cut=cut)

@@ -3,6 +3,7 @@
 from fxcache.passes.annotate_nodes import AnnotateNodes
 from fxcache.passes.base import FxPass, PassResult, run_passes
 from fxcache.passes.compute_token_subset import ComputeTokenSubset
+from fxcache.passes.drop_noop_squeezes import DropNoopSqueezes
 from fxcache.passes.eliminate_dead_code import EliminateDeadCode
 from fxcache.passes.flatten_io import FlattenIO
 from fxcache.passes.insert_probes import InsertProbes
@@ -12,6 +13,6 @@ from fxcache.passes.read_cache import ReadCache
 from fxcache.passes.resume_from_cut import ResumeFromCut
 from fxcache.passes.write_cache import WriteCache
 
-__all__ = ["AnnotateNodes", "ComputeTokenSubset", "EliminateDeadCode", "FlattenIO", "FxPass", "InsertProbes", "KeepOnlyCut", "OutlineBlocks",
+__all__ = ["AnnotateNodes", "ComputeTokenSubset", "DropNoopSqueezes", "EliminateDeadCode", "FlattenIO", "FxPass", "InsertProbes", "KeepOnlyCut", "OutlineBlocks",
            "PassResult",
            "ReadCache", "ResumeFromCut", "WriteCache", "run_passes"]

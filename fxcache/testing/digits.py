@@ -29,6 +29,7 @@ __all__ = [
     "WEIGHTS",
     "digits_dit_model",
     "digits_dit_sampler",
+    "digits_example",
     "digits_model",
     "digits_sampler",
     "dit_scheduler",
@@ -125,6 +126,19 @@ def digits_model(dtype: torch.dtype = torch.float32, device: torch.device | str 
     from diffusers import FluxTransformer2DModel
 
     return _trained(FluxTransformer2DModel, CONFIG, WEIGHTS, dtype, device)
+
+
+def digits_example(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> tuple:
+    """``(model, call kwargs)``: the trained model and one denoiser call as :func:`digits_sampler` makes it (label 3,
+    one sample) — a model loader for ``fxcache export --model fxcache.testing.digits:digits_example``."""
+    model = digits_model(dtype, device)
+    tables = _load()
+    img_ids, txt_ids = position_ids(device)
+    labels = torch.tensor([3], device=device)
+    return model, {"hidden_states": torch.zeros(1, 16, 4, device=device, dtype=dtype),
+                   "encoder_hidden_states": tables["text_table"].to(device, dtype)[labels],
+                   "pooled_projections": tables["pooled_table"].to(device, dtype)[labels],
+                   "timestep": torch.ones(1, device=device, dtype=dtype), "img_ids": img_ids, "txt_ids": txt_ids}
 
 
 def digits_sampler(steps: int = 20, guidance: float = 2.0, cfg: str = "separate", batch: int = 1,
