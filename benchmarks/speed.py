@@ -426,9 +426,10 @@ def run(args) -> dict:
 
 
 def onnx_row(model, prof, loop, k: int, action: str, args, record) -> None:
-    """The same plan exported (:func:`fxcache.export`) and served by :class:`fxcache.OnnxDenoiser`: CPU EP on the
-    CPU, CUDA EP on CUDA when onnxruntime-gpu is installed (a refused row otherwise). ``build`` = export + session
-    creation + the first run."""
+    """The same plan exported (:func:`fxcache.export`) and served by :class:`fxcache.OnnxDenoiser`, with the
+    weights shared by the sessions (no prepacking) and loaded per session (prepacked): CPU EP on the CPU, CUDA EP on
+    CUDA when onnxruntime-gpu is installed (a refused row otherwise). ``build`` = export + session creation + the
+    first run."""
     import tempfile
 
     import onnxruntime as ort
@@ -448,13 +449,17 @@ def onnx_row(model, prof, loop, k: int, action: str, args, record) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         directory = fxcache.export(opt, os.path.join(tmp, "engines"))
         export_s = time.perf_counter() - start
-        served = fxcache.OnnxDenoiser(directory, providers)
-        with torch.no_grad():
-            loop(served)
-        _sync(args.device)
-        ready = time.perf_counter() - start
-        record(f"{name} ({providers[0]})", lambda: loop(served), build_s=ready, export_s=export_s,
-               computed_fraction=served.stats()["computed_fraction"], variants=len(served.program.graphs))
+        for share in (True, False):
+            begin = time.perf_counter()
+            served = fxcache.OnnxDenoiser(directory, providers, share_weights=share)
+            with torch.no_grad():
+                loop(served)
+            _sync(args.device)
+            ready = export_s + time.perf_counter() - begin
+            label = "weights shared, no prepacking" if share else "weights per session, prepacked"
+            record(f"{name} ({providers[0]}, {label})", lambda served=served: loop(served), build_s=ready,
+                   export_s=export_s, computed_fraction=served.stats()["computed_fraction"],
+                   variants=len(served.program.graphs))
 
 
 def diffusers_rows(model, loop, args, record, backend) -> list[dict]:

@@ -141,9 +141,10 @@ def _export_variant(gm: torch.fx.GraphModule, device: torch.device, path: str, o
         raise ExportError(f"step graph outputs {odd} are values ONNX cannot carry (not tensors, numbers or None)")
     with torch.no_grad():
         ep = torch.export.export(gm, tuple(examples), strict=False)
-    quiet = logging.getLogger("torch.onnx")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # the exporter's notes on optional torchvision ops
+    quiet = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [q.level for q in quiet]
+    for q in quiet:  # the exporter's notes (optional torchvision ops, each initializer its optimizer merges)
+        q.setLevel(logging.ERROR)
     try:
         program = torch.onnx.export(ep, (), dynamo=True, opset_version=opset, optimize=True, verbose=False,
                                     input_names=onnx_names(inputs), output_names=onnx_names(outs))
@@ -152,7 +153,8 @@ def _export_variant(gm: torch.fx.GraphModule, device: torch.device, path: str, o
         raise ExportError(f"torch.onnx could not export the step graph {os.path.basename(path)}: "
                           f"{type(e).__name__}: {str(e)[:500]}") from e
     finally:
-        quiet.setLevel(level)
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
     return {"inputs": inputs, "outputs": outs, "num_model_outputs": io["num_model_outputs"],
             "num_cut_outputs": io.get("num_cut_outputs", 0),
             "out_spec": _compat.pytree.treespec_dumps(io["out_spec"]) if io.get("out_spec") is not None else None}

@@ -276,12 +276,14 @@ class OnnxDenoiser(OptimizedDenoiser):
     initializers (mapped once from the shared weights file); cache tensors stay torch tensors between calls (on
     CUDA providers bound with I/O binding, no host copies). ``verify`` checks every file's SHA-256 against the
     manifest (sizes are always checked). ``session_options``: a callable returning fresh
-    ``onnxruntime.SessionOptions`` (threads, graph optimisation level)."""
+    ``onnxruntime.SessionOptions`` (threads, graph optimisation level). ``share_weights=False`` lets each session
+    load the weights itself and prepack its matrices (faster CPU GEMMs, one copy of the weights per session);
+    by default the sessions share one copy and prepacking is off."""
 
     engine = "onnxruntime"
 
     def __init__(self, path: str | os.PathLike, providers: Sequence | None = None, *, verify: bool = True,
-                 session_options: Callable | None = None):
+                 session_options: Callable | None = None, share_weights: bool = True):
         if importlib.util.find_spec("onnxruntime") is None:
             raise InputError("OnnxDenoiser needs the 'onnxruntime' package, which is not installed: "
                              "pip install 'fxcache[onnx]' (onnxruntime-gpu for CUDA)")
@@ -289,6 +291,7 @@ class OnnxDenoiser(OptimizedDenoiser):
         device = torch.device("cuda", torch.cuda.current_device()) if _uses_cuda(providers) else torch.device("cpu")
         self.providers = providers
         self._session_options = session_options
+        self.share_weights = bool(share_weights)
         self._open(path, device, verify)
 
     def _open(self, path, device: torch.device, verify: bool) -> None:
@@ -309,11 +312,14 @@ class OnnxDenoiser(OptimizedDenoiser):
 
         options = self._session_options() if self._session_options is not None else ort.SessionOptions()
         shared = 0
-        for name, offset, length, onnx_type, dims in record["initializers"]:
-            value = self._shared.value(offset, length, onnx_type, dims)
-            if value is not None:
-                options.add_initializer(name, value)
-                shared += 1
+        if self.share_weights:
+            # prepacking would give each session its own re-laid-out copy of every matrix
+            options.add_session_config_entry("session.disable_prepacking", "1")
+            for name, offset, length, onnx_type, dims in record["initializers"]:
+                value = self._shared.value(offset, length, onnx_type, dims)
+                if value is not None:
+                    options.add_initializer(name, value)
+                    shared += 1
         file = os.path.join(self.directory, record["file"])
         try:
             session = ort.InferenceSession(file, options, providers=self.providers)
@@ -336,7 +342,7 @@ class OnnxDenoiser(OptimizedDenoiser):
         twin = object.__new__(type(self))
         OptimizedDenoiser.__init__(twin, None, self.plan, model=self._model, source=self._source,
                                    check_weights=False)
-        for name in ("manifest", "directory", "providers", "_shared", "_session_options"):
+        for name in ("manifest", "directory", "providers", "share_weights", "_shared", "_session_options"):
             twin.__dict__[name] = self.__dict__.get(name)
         twin._attach(self.traced, self.program)
         return twin

@@ -160,6 +160,7 @@ class TensorRTDenoiser(OnnxDenoiser):
         self._trt_runtime = trt.Runtime(self._trt_logger)
         self.providers = ["TensorRT"]
         self._session_options = None
+        self.share_weights = False
         self._open(path, torch.device("cuda", torch.cuda.current_device()), verify)
 
     def _make_step(self, record: dict):

@@ -139,6 +139,8 @@ def test_the_runner_shares_one_copy_of_the_weights_across_its_sessions(flux_expo
     manifest = served.manifest
     distinct = {(o, n) for v in manifest["variants"] for _, o, n, _, _ in v["initializers"]}
     assert len(served._shared.values) == len(distinct)  # one OrtValue per distinct tensor, given to every session
+    own = fxcache.OnnxDenoiser(directory, share_weights=False)  # each session loads (and prepacks) its own
+    assert own._shared.values == {}
 
 
 def test_the_runner_keeps_the_runtime_behaviour(flux_export):
