@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import warnings
 from typing import Any
 
 import torch
@@ -146,8 +147,11 @@ def _export_variant(gm: torch.fx.GraphModule, device: torch.device, path: str, o
     for q in quiet:  # the exporter's notes (optional torchvision ops, each initializer its optimizer merges)
         q.setLevel(logging.ERROR)
     try:
-        program = torch.onnx.export(ep, (), dynamo=True, opset_version=opset, optimize=True, verbose=False,
-                                    input_names=onnx_names(inputs), output_names=onnx_names(outs))
+        with warnings.catch_warnings():
+            # torch.onnx's own decomposition deep-copies pytree specs through a path torch itself deprecates
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            program = torch.onnx.export(ep, (), dynamo=True, opset_version=opset, optimize=True, verbose=False,
+                                        input_names=onnx_names(inputs), output_names=onnx_names(outs))
         program.save(path, external_data=True)
     except Exception as e:  # the exporter's errors name the op it could not convert
         raise ExportError(f"torch.onnx could not export the step graph {os.path.basename(path)}: "
