@@ -4,6 +4,7 @@ from fxcache import ir, methods
 from fxcache.analysis.structure import Block, Stack, Structure
 from fxcache.deploy import OnnxDenoiser, TensorRTDenoiser, export
 from fxcache.errors import (
+    DriftError,
     ExportError,
     FxCacheError,
     FxCacheWarning,
@@ -15,6 +16,7 @@ from fxcache.errors import (
     TraceError,
 )
 from fxcache.ir.points import CachePoint
+from fxcache.lock import check, lock
 from fxcache.optimize import load, optimize, save
 from fxcache.plan import Plan
 from fxcache.profiling import Profile, profile
@@ -26,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Block",
     "CachePoint",
+    "DriftError",
     "ExportError",
     "FxCacheError",
     "FxCacheWarning",
@@ -44,9 +47,11 @@ __all__ = [
     "TraceError",
     "TracedDenoiser",
     "__version__",
+    "check",
     "export",
     "ir",
     "load",
+    "lock",
     "methods",
     "optimize",
     "profile",

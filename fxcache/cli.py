@@ -138,22 +138,189 @@ def _demo_export(opt, sampler, prompts, directory: str) -> str:
             f"{sum(torch_psnr) / len(torch_psnr):.2f} dB (largest pixel difference {worst:.2g})")
 
 
-def export(args: argparse.Namespace) -> int:
-    """``fxcache export PLAN --model MODULE:FUNCTION --out DIR``: the loader returns ``(model, call kwargs)`` — the
-    denoiser and one call of it (to trace and bind the plan; nothing is run)."""
+def _loader(spec: str, what: str):
+    """The function ``MODULE:FUNCTION`` names (a model loader)."""
     import importlib
+
+    module_name, _, function = spec.partition(":")
+    if not module_name or not function:
+        raise CliError(f"--model must be MODULE:FUNCTION ({what}), got {spec!r}")
+    try:
+        return getattr(importlib.import_module(module_name), function)
+    except (ImportError, AttributeError) as e:
+        raise CliError(f"cannot load the model loader {spec}: {e}") from e
+
+
+def _lock_setup(spec: str) -> tuple:
+    loaded = _loader(spec, "a loader returning (model, sampler, prompts)")()
+    if not (isinstance(loaded, tuple) and len(loaded) == 3 and callable(loaded[1])):
+        raise CliError(f"{spec} must return (model, sampler, prompts), got {type(loaded).__name__}")
+    return loaded
+
+
+def lock_cmd(args: argparse.Namespace) -> int:
+    """``fxcache lock PLAN --model MODULE:FUNCTION --out LOCKFILE``."""
+    import fxcache
+
+    model, sampler, prompts = _lock_setup(args.model)
+    if os.path.exists(args.out) and not args.overwrite:
+        raise CliError(f"{args.out} exists: pass --overwrite to replace it (or fxcache check --update)")
+    opt = fxcache.load(args.plan, model)
+    with __import__("torch").no_grad():
+        sampler(opt, prompts[0])  # binds the plan (traced with the sampler's own call)
+    data = fxcache.lock(opt, args.out, prompts, sampler, tolerance_db=args.tolerance_db)
+    log.info("locked %s: graph %s, %d step variants, computed fraction %.3f, PSNR %.2f dB (tolerance %g dB) -> %s",
+             data["model"], data["fingerprint"], len(data["variants"]), data["quality"]["computed_fraction"],
+             data["quality"]["mean_psnr_db"] or float("nan"), args.tolerance_db, args.out)
+    return 0
+
+
+def check_cmd(args: argparse.Namespace) -> int:
+    """``fxcache check LOCKFILE --model MODULE:FUNCTION``: exit 0 (no drift), 1 (drift, the report printed)."""
+    import fxcache
+    from fxcache.lock import _write, read_lock
+
+    read_lock(args.lockfile)  # a bad lockfile: exit 2 before loading the model
+    model, sampler, _ = _lock_setup(args.model)
+    report = fxcache.check(model, args.lockfile, sampler, structural=args.structural, plan=args.plan)
+    print(report)
+    if args.update and report.current and not report.ok:
+        _write(args.lockfile, report.current)
+        log.info("wrote the current lock data to %s", args.lockfile)
+        return 0
+    return 0 if report.ok else 1
+
+
+_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def _load_pipeline(directory: str, dtype: str, device: str):
+    """A diffusers pipeline saved with ``save_pretrained`` in ``directory``."""
+    _require("diffusers", "diffusers", "loading a pipeline")
+    import torch
+    from diffusers import DiffusionPipeline
+
+    if not os.path.isfile(os.path.join(directory, "model_index.json")):
+        raise CliError(f"{directory} is not a diffusers pipeline directory (no model_index.json; save one with "
+                       "pipe.save_pretrained(dir))")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(directory, torch_dtype=getattr(torch, _DTYPES[dtype]))
+    except (OSError, ValueError, TypeError) as e:
+        raise CliError(f"cannot load the pipeline in {directory}: {e}") from e
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda: no CUDA device here")
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _prompt(pipe, text: str):
+    """A prompt for ``pipe`` from one line: text for a text-conditioned pipeline; for a class-conditional one
+    (DiT) a class id or a class name it knows."""
+    import inspect
+
+    params = inspect.signature(pipe.__call__).parameters
+    if "prompt" in params:
+        return text
+    if "class_labels" in params:
+        text = text.strip()
+        if text.isdigit():
+            return {"class_labels": [int(text)]}
+        try:
+            return {"class_labels": pipe.get_label_ids([text])}
+        except (ValueError, KeyError, AttributeError) as e:
+            raise CliError(f"{text!r} is neither a class id nor a class name of this pipeline") from e
+    raise CliError(f"{type(pipe).__name__} takes neither prompt= nor class_labels=: use the Python API")
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def optimize_cmd(args: argparse.Namespace) -> int:
+    """``fxcache optimize PIPELINE_DIR --prompts FILE -o plan.json``: calibrate, search (or apply a method), write
+    the plan, the profile report and heatmap, the search report and a lockfile next to the plan."""
+    import fxcache
+    from fxcache.loops import denoiser_attr, pipeline_sampler
+
+    try:
+        with open(args.prompts) as f:
+            lines = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    except OSError as e:
+        raise CliError(f"cannot read the prompts file {args.prompts}: {e.strerror}") from e
+    if not lines:
+        raise CliError(f"{args.prompts} holds no prompt (one per line)")
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        raise CliError(f"cannot write {args.output}: {out_dir} is not a directory")
+    pipe = _load_pipeline(args.pipeline, args.dtype, args.device)
+    prompts = [_prompt(pipe, line) for line in lines]
+    target = {}
+    if args.method:
+        from fxcache import methods
+
+        cls = getattr(methods, args.method, None)
+        if not (isinstance(cls, type) and issubclass(cls, methods.Method)):
+            raise CliError(f"unknown method {args.method!r}; known: {', '.join(c.__name__ for c in methods.LIBRARY)}")
+        target["method"] = cls()
+    elif args.tolerance is not None:
+        target["tolerance"] = args.tolerance
+    else:
+        target["speedup"] = args.speedup
+    start = time.time()
+    pipe = fxcache.optimize(pipe, prompts, backend=args.backend, progress=not args.quiet,
+                            num_inference_steps=args.steps, **target)
+    opt = getattr(pipe, denoiser_attr(pipe))
+    stem = os.path.splitext(os.path.abspath(args.output))[0]
+    opt.save(args.output)
+    written = [args.output]
+    if opt.profile is not None:
+        _write_text(stem + ".profile.txt", opt.profile.report() + "\n")
+        written.append(stem + ".profile.txt")
+        if importlib.util.find_spec("matplotlib") is not None:
+            opt.profile.plot(stem + ".profile.png")
+            written.append(stem + ".profile.png")
+    _write_text(stem + ".search.txt", opt.search_report() + "\n")
+    written.append(stem + ".search.txt")
+    sampler = pipeline_sampler(pipe, {"num_inference_steps": args.steps})
+    fxcache.lock(opt, stem + ".lock.json", prompts[:2], sampler)
+    written.append(stem + ".lock.json")
+    log.info("optimized %s in %.1f s: %s (computed fraction %.3f)\n  wrote %s", args.pipeline, time.time() - start,
+             opt.plan.summary(), opt.program.static_fraction() if opt.program is not None else 1.0,
+             ", ".join(written))
+    return 0
+
+
+def run_cmd(args: argparse.Namespace) -> int:
+    """``fxcache run PIPELINE_DIR --plan plan.json --prompt ... -o image.png``."""
+    import torch
 
     import fxcache
 
-    module_name, _, function = args.model.partition(":")
-    if not module_name or not function:
-        raise CliError(f"--model must be MODULE:FUNCTION (a loader returning (model, call kwargs)), got "
-                       f"{args.model!r}")
-    try:
-        loader = getattr(importlib.import_module(module_name), function)
-    except (ImportError, AttributeError) as e:
-        raise CliError(f"cannot load the model loader {args.model}: {e}") from e
-    loaded = loader()
+    pipe = _load_pipeline(args.pipeline, args.dtype, args.device)
+    prompt = _prompt(pipe, args.prompt)
+    pipe = fxcache.load(args.plan, pipe)
+    kwargs = {"prompt": prompt} if isinstance(prompt, str) else dict(prompt)
+    plan_steps = fxcache.Plan.load(args.plan).num_steps
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        image = pipe(**kwargs, num_inference_steps=plan_steps, output_type="pil").images[0]
+    tmp = f"{args.output}.tmp{os.getpid()}.png"
+    image.save(tmp)
+    os.replace(tmp, args.output)
+    log.info("wrote %s (%s)", args.output, fxcache.loops.unwrap(pipe).__class__.__name__)
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    """``fxcache export PLAN --model MODULE:FUNCTION --out DIR``: the loader returns ``(model, call kwargs)`` — the
+    denoiser and one call of it (to trace and bind the plan; nothing is run)."""
+    import fxcache
+
+    loaded = _loader(args.model, "a loader returning (model, call kwargs)")()
     if not (isinstance(loaded, tuple) and len(loaded) == 2 and isinstance(loaded[1], dict)):
         raise CliError(f"{args.model} must return (model, call kwargs), got {type(loaded).__name__}")
     model, example = loaded
@@ -205,6 +372,56 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TensorRT precision (auto: the graph's own types)")
     e.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="as fxcache --debug")
+    op = sub.add_parser("optimize", formatter_class=fmt, help="optimize a diffusers pipeline saved on disk",
+                        description="Load PIPELINE_DIR (save_pretrained), calibrate on the prompts, search a plan "
+                                    "(or apply --method), write the plan (-o) and beside it the profile report "
+                                    "and heatmap, the search report and a lockfile.")
+    op.add_argument("pipeline", help="a directory written by pipe.save_pretrained")
+    op.add_argument("--prompts", required=True, help="a text file: one prompt per line (class ids or names for a "
+                                                     "class-conditional pipeline)")
+    op.add_argument("-o", "--output", default="plan.json", help="the plan file to write")
+    op.add_argument("--speedup", type=_speedup, default=3.0, help="speed target of the plan search (>= 1)")
+    op.add_argument("--tolerance", type=float, help="instead of --speedup: the error target of the search")
+    op.add_argument("--method", help="instead of a search: a method of fxcache.methods (e.g. FORA, TaylorSeer)")
+    op.add_argument("--steps", type=_steps, default=28, help="sampling steps")
+    op.add_argument("--backend", help="compile the chosen plan with this torch.compile backend (e.g. inductor)")
+    op.add_argument("--dtype", choices=tuple(_DTYPES), default="fp32", help="the pipeline's dtype")
+    op.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the pipeline runs")
+    op.add_argument("--quiet", action="store_true", help="no progress bars")
+    op.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="as fxcache --debug")
+    rn = sub.add_parser("run", formatter_class=fmt, help="run a pipeline with a plan and save the image",
+                        description="Load PIPELINE_DIR, bind the plan, generate one image for --prompt.")
+    rn.add_argument("pipeline", help="a directory written by pipe.save_pretrained")
+    rn.add_argument("--plan", required=True, help="a plan written by fxcache optimize")
+    rn.add_argument("--prompt", required=True, help="the prompt (a class id or name for a class-conditional one)")
+    rn.add_argument("-o", "--output", default="image.png", help="the image file to write")
+    rn.add_argument("--seed", type=int, default=0, help="torch's seed for the initial noise")
+    rn.add_argument("--dtype", choices=tuple(_DTYPES), default="fp32", help="the pipeline's dtype")
+    rn.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the pipeline runs")
+    rn.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="as fxcache --debug")
+    lk = sub.add_parser("lock", formatter_class=fmt, help="write a lockfile: what an optimized model is, for CI",
+                        description="Trace the model, bind the plan, and write the graph fingerprint, the step "
+                                    "variants' dumps and ops per module, the cache points, the computed fraction "
+                                    "and a reference quality figure (JSON, sorted keys).")
+    lk.add_argument("plan", help="a plan saved with fxcache (plan.json)")
+    lk.add_argument("--model", required=True, metavar="MODULE:FUNCTION",
+                    help="a function returning (model, sampler, prompts), e.g. "
+                         "fxcache.testing.digits:digits_lock_setup")
+    lk.add_argument("--out", required=True, help="the lockfile to write")
+    lk.add_argument("--tolerance-db", type=float, default=0.5, help="allowed fall of the mean PSNR (dB)")
+    lk.add_argument("--overwrite", action="store_true", help="replace the lockfile if it exists")
+    lk.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="as fxcache --debug")
+    ck = sub.add_parser("check", formatter_class=fmt, help="check a model against its lockfile (exit 1 on drift)",
+                        description="Trace again, specialise the locked plan, run the lock's prompts; print what "
+                                    "changed. Exit 0: no drift; 1: drift; 2: bad input.")
+    ck.add_argument("lockfile")
+    ck.add_argument("--model", required=True, metavar="MODULE:FUNCTION",
+                    help="a function returning (model, sampler, prompts)")
+    ck.add_argument("--plan", help="check this plan instead of the locked one (a changed plan is reported)")
+    ck.add_argument("--structural", choices=("fail", "warn"), default="fail",
+                    help="fail on structural drift, or only warn (quality drift always fails)")
+    ck.add_argument("--update", action="store_true", help="after review: write the current lock data")
+    ck.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="as fxcache --debug")
     return parser
 
 
@@ -215,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("fxcache").setLevel(logging.DEBUG if debug else logging.WARNING)
     logging.getLogger("fxcache.cli").setLevel(logging.INFO)
-    commands = {"demo": demo, "export": export}
+    commands = {"demo": demo, "export": export, "lock": lock_cmd, "check": check_cmd, "optimize": optimize_cmd,
+                "run": run_cmd}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

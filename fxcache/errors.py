@@ -44,6 +44,11 @@ class ExportError(InputError):
     a missing or corrupted file, a manifest of another format version — names the method or the file."""
 
 
+class DriftError(FxCacheError, AssertionError):
+    """``fxcache.check`` found drift against a lockfile (raised with ``raise_on_drift=True``): an AssertionError, so
+    a test that checks a lockfile fails with the readable report."""
+
+
 class CliError(FxCacheError):
     """A problem the ``fxcache`` command reports in one line (exit status 2): a missing extra, an unusable path."""
 

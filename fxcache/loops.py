@@ -22,7 +22,7 @@ import torch
 from fxcache.errors import InputError
 
 __all__ = ["DENOISER_ATTRS", "CallLog", "denoiser_attr", "final_tensor", "is_pipeline", "original_forward",
-           "pipeline_kwargs", "record_calls", "run_loop", "step_values", "unwrap", "StepTracker"]
+           "pipeline_kwargs", "pipeline_sampler", "record_calls", "run_loop", "step_values", "unwrap", "StepTracker"]
 
 #: pipeline attributes that hold the denoiser, in the order they are looked up
 DENOISER_ATTRS = ("transformer", "unet", "prior", "decoder")
@@ -130,6 +130,19 @@ def run_loop(model, prompt, fn: Callable, *, sampler: Callable | None = None, ca
         raise InputError("a bare denoiser needs sampler=: a function sampler(denoiser, prompt) that runs one "
                          "sampling loop and returns the final sample")
     return sampler(_StandIn(fn, unwrap(model)), prompt, **call_kwargs)
+
+
+def pipeline_sampler(pipe, call_kwargs: dict | None = None) -> Callable:
+    """``sampler(denoiser, prompt)`` for a pipeline: one pipeline call for ``prompt`` with ``denoiser`` in place of the
+    pipeline's own (its module itself: the module's own forward), returning the final latents — the sampler form
+    :func:`fxcache.lock` and :func:`fxcache.check` take."""
+    module = unwrap(pipe)
+
+    def sampler(denoiser, prompt):
+        fn = original_forward(module) if denoiser is module else denoiser
+        return final_tensor(run_loop(pipe, prompt, fn, call_kwargs=call_kwargs), "the pipeline's output")
+
+    return sampler
 
 
 def final_tensor(final, what: str, error: type[Exception] = InputError) -> torch.Tensor:

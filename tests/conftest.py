@@ -7,6 +7,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # custom_models.py
 
+pytest_plugins = ["pytester"]  # tests of fxcache's own pytest plugin
+
 
 @pytest.fixture(autouse=True)
 def _deterministic():

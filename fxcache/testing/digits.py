@@ -30,6 +30,7 @@ __all__ = [
     "digits_dit_model",
     "digits_dit_sampler",
     "digits_example",
+    "digits_lock_setup",
     "digits_model",
     "digits_sampler",
     "dit_scheduler",
@@ -139,6 +140,12 @@ def digits_example(dtype: torch.dtype = torch.float32, device: torch.device | st
                    "encoder_hidden_states": tables["text_table"].to(device, dtype)[labels],
                    "pooled_projections": tables["pooled_table"].to(device, dtype)[labels],
                    "timestep": torch.ones(1, device=device, dtype=dtype), "img_ids": img_ids, "txt_ids": txt_ids}
+
+
+def digits_lock_setup() -> tuple:
+    """``(model, sampler, prompts)`` for ``fxcache lock`` / ``fxcache check --model
+    fxcache.testing.digits:digits_lock_setup``: the trained model, 12-step sampler, three seeded prompts."""
+    return digits_model(), digits_sampler(steps=12), [{"label": c, "seed": 100 + c} for c in (1, 4, 7)]
 
 
 def digits_sampler(steps: int = 20, guidance: float = 2.0, cfg: str = "separate", batch: int = 1,
