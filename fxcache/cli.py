@@ -180,8 +180,15 @@ def check_cmd(args: argparse.Namespace) -> int:
     import fxcache
     from fxcache.lock import _write, read_lock
 
-    read_lock(args.lockfile)  # a bad lockfile: exit 2 before loading the model
-    model, sampler, _ = _lock_setup(args.model)
+    locked = read_lock(args.lockfile)  # a bad lockfile: exit 2 before loading the model
+    if args.pipeline:
+        from fxcache.loops import pipeline_sampler, unwrap
+
+        pipe = _load_pipeline(args.pipeline, args.dtype, args.device)
+        steps = fxcache.Plan.from_json(locked["plan"], source=args.lockfile).num_steps
+        model, sampler = unwrap(pipe), pipeline_sampler(pipe, {"num_inference_steps": steps})
+    else:
+        model, sampler, _ = _lock_setup(args.model)
     report = fxcache.check(model, args.lockfile, sampler, structural=args.structural, plan=args.plan)
     print(report)
     if args.update and report.current and not report.ok:
@@ -415,8 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Trace again, specialise the locked plan, run the lock's prompts; print what "
                                     "changed. Exit 0: no drift; 1: drift; 2: bad input.")
     ck.add_argument("lockfile")
-    ck.add_argument("--model", required=True, metavar="MODULE:FUNCTION",
-                    help="a function returning (model, sampler, prompts)")
+    which = ck.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", metavar="MODULE:FUNCTION", help="a function returning (model, sampler, prompts)")
+    which.add_argument("--pipeline", metavar="DIR", help="a pipeline saved on disk (the lockfile fxcache optimize "
+                                                        "wrote: its prompts, its number of steps)")
+    ck.add_argument("--dtype", choices=tuple(_DTYPES), default="fp32", help="--pipeline: the pipeline's dtype")
+    ck.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="--pipeline: where it runs")
     ck.add_argument("--plan", help="check this plan instead of the locked one (a changed plan is reported)")
     ck.add_argument("--structural", choices=("fail", "warn"), default="fail",
                     help="fail on structural drift, or only warn (quality drift always fails)")

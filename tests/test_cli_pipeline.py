@@ -36,6 +36,7 @@ def test_optimize_writes_the_plan_reports_and_a_lockfile_then_run_draws_an_image
     from PIL import Image
 
     assert Image.open(image).size == (8, 8)
+    assert main(["check", str(tmp_path / "plan.lock.json"), "--pipeline", str(saved / "dit")]) == 0
     pipe = fxcache.testing.pipelines.tiny_dit_pipeline()  # the same weights, loaded afresh: no drift
     report = fxcache.check(pipe.transformer, tmp_path / "plan.lock.json",
                            pipeline_sampler(pipe, {"num_inference_steps": 8}))
