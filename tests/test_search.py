@@ -147,7 +147,9 @@ def test_cli_demo_runs_the_whole_flow(tmp_path, caplog):
     from fxcache.cli import main
 
     with caplog.at_level(logging.INFO, logger="fxcache.cli"):
-        assert main(["demo", "--steps", "10", "--quiet", "--out", str(tmp_path)]) == 0
-    for name in ("profile.txt", "profile.png", "search.txt", "plan.json"):
+        assert main(["demo", "--steps", "10", "--quiet", "--out", str(tmp_path),
+                     "--export", str(tmp_path / "engines")]) == 0
+    for name in ("profile.txt", "profile.png", "search.txt", "plan.json", "engines/manifest.json"):
         assert (tmp_path / name).stat().st_size > 0
     assert "held-out PSNR" in caplog.text and "computed fraction" in caplog.text
+    assert "held-out PSNR through onnxruntime" in caplog.text  # --export: the plan served by onnxruntime
