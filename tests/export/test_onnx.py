@@ -214,11 +214,15 @@ def test_a_damaged_directory_is_refused_naming_the_file(flux_export, tmp_path):
             fxcache.OnnxDenoiser(bad)
 
 
-def test_export_is_atomic(flux_export, tmp_path, monkeypatch):
-    opt, _, _ = flux_export
+def test_export_is_atomic(tmp_path, monkeypatch):
+    from fxcache.deploy import onnx as onnx_export
+
+    model = zoo.build("dit")[0]
+    smp = zoo_sampler("dit", steps=4)
+    opt = fxcache.optimize(model, [1], sampler=smp, method=M.FORA(interval=2), progress=False)  # two variants
     out = tmp_path / "out"
     calls = []
-    original = fxcache.deploy.onnx._export_variant
+    original = onnx_export._export_variant
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -226,7 +230,7 @@ def test_export_is_atomic(flux_export, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # interrupted half-way
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(fxcache.deploy.onnx, "_export_variant", failing)
+    monkeypatch.setattr(onnx_export, "_export_variant", failing)
     with pytest.raises(KeyboardInterrupt):
         fxcache.export(opt, out)
     assert not out.exists() and os.listdir(tmp_path) == []  # no half directory, no temporary left
@@ -236,6 +240,7 @@ def test_export_is_atomic(flux_export, tmp_path, monkeypatch):
         fxcache.export(opt, out)
     fxcache.export(opt, out, overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["out"]
+    fxcache.OnnxDenoiser(out)  # the replaced directory loads
 
 
 def test_bad_export_arguments_are_refused(flux_export, tmp_path):
