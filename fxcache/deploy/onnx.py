@@ -302,11 +302,15 @@ def export_onnx(opt, out_dir: str, *, opset: int = MIN_OPSET, overwrite: bool = 
                                  "variant": variant_to_json(variant), "flops": int(program.flops[variant]), **record})
         finally:
             weights.close()
+        manifest_dtype = _dtype_name(next((p.dtype for p in model.parameters()), torch.float32))
         for v in variants:
-            try:
-                onnx.checker.check_model(os.path.join(tmp, v["file"]))
-            except onnx.checker.ValidationError as e:
-                raise ExportError(f"{v['file']}: the ONNX checker refuses the exported model: {e}") from e
+            try:  # full: with type and shape inference (a bfloat16 Conv needs opset >= 22, ...)
+                onnx.checker.check_model(os.path.join(tmp, v["file"]), full_check=True)
+            except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+                hint = (f" — a {manifest_dtype} model may need a newer opset (opset={opset} now) or another dtype"
+                        if manifest_dtype != "float32" else "")
+                raise ExportError(f"{v['file']}: the ONNX checker refuses the exported model: "
+                                  f"{str(e).strip()[:400]}{hint}") from e
         files = {n: {"bytes": os.path.getsize(os.path.join(tmp, n)), "sha256": sha256_file(os.path.join(tmp, n))}
                  for n in [WEIGHTS, *(v["file"] for v in variants)]}
         from fxcache import __version__

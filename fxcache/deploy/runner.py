@@ -252,6 +252,10 @@ class _OrtStep:
         return [torch.from_numpy(a) for a in self.session.run(self.io.names, feeds)]
 
     def _run_cuda(self, inputs) -> list:
+        odd = {str(x.dtype) for _, x in self.io.inputs(inputs)} - {f"torch.{n}" for n in _NP}
+        if odd:
+            raise ExportError(f"onnxruntime's I/O binding takes numpy element types; {', '.join(sorted(odd))} has "
+                              "none — export the model in float16 or float32 to serve it with onnxruntime")
         binding = self.session.io_binding()
         index = self.device.index or 0
         keep = []
@@ -324,7 +328,11 @@ class OnnxDenoiser(OptimizedDenoiser):
         try:
             session = ort.InferenceSession(file, options, providers=self.providers)
         except Exception as e:  # onnxruntime's own errors (a corrupted graph, an unknown provider)
-            raise ExportError(f"{file}: onnxruntime cannot load it: {e}") from e
+            hint = ""
+            if "NOT_IMPLEMENTED" in str(e) and self.manifest["dtype"] == "bfloat16":
+                hint = (" — onnxruntime's CPU provider has no bfloat16 kernels for many ops: export the model in "
+                        "float32 (or float16), or serve with the CUDA / TensorRT providers")
+            raise ExportError(f"{file}: onnxruntime cannot load it: {e}{hint}") from e
         log.debug("%s: %d of %d initializers shared", record["file"], shared, len(record["initializers"]))
         return _OrtStep(session, record, self._model.device)
 

@@ -264,6 +264,16 @@ def test_bad_export_arguments_are_refused(flux_export, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_bfloat16_model_an_opset_cannot_express_is_refused_at_export(tmp_path):
+    model = zoo.build("dit", dtype=torch.bfloat16)[0]  # its patch embedding is a Conv: bfloat16 from opset 22
+    smp = zoo_sampler("dit", steps=4)
+    opt = fxcache.optimize(model, [1], sampler=smp, method=M.FORA(interval=2), progress=False)
+    with pytest.raises(ExportError, match=r"variant0.onnx: the ONNX checker refuses .* bfloat16 model may need a "
+                                          r"newer opset \(opset=18 now\)"):
+        fxcache.export(opt, tmp_path / "bf16")
+    assert not (tmp_path / "bf16").exists()
+
+
 def test_a_method_whose_step_logic_cannot_leave_torch_is_refused_by_name(flux_export, tmp_path, monkeypatch):
     opt, _, _ = flux_export
     gate = next(p for p in opt._policies if p.section == "gate")
