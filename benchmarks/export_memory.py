@@ -33,26 +33,11 @@ def _rss_mib() -> float:
 
 
 def _export(directory: str, heads: int, layers: int, single: int) -> dict:
-    import torch
-    from diffusers import FluxTransformer2DModel
-
     import fxcache
     from fxcache import methods as M
+    from fxcache.testing.zoo import wide_flux
 
-    torch.manual_seed(0)
-    model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=layers, num_single_layers=single,
-                                   attention_head_dim=128, num_attention_heads=heads, joint_attention_dim=64,
-                                   pooled_projection_dim=32, axes_dims_rope=(16, 56, 56)).eval()
-    x, enc, ids = torch.randn(1, 16, 16), torch.randn(1, 8, 64), torch.zeros(16, 3)
-
-    def sampler(den, prompt):
-        h = x.clone()
-        for t in torch.linspace(1.0, 0.25, 4):
-            out = den(hidden_states=h, encoder_hidden_states=enc, pooled_projections=torch.ones(1, 32),
-                      timestep=t.expand(1), img_ids=ids, txt_ids=torch.zeros(8, 3))
-            h = h - 0.25 * out.sample
-        return h
-
+    model, sampler = wide_flux(heads, layers, single)
     opt = fxcache.optimize(model, [0], sampler=sampler, method=M.FBCache(threshold=0.3), progress=False)
     fxcache.export(opt, directory)
     with open(os.path.join(directory, "manifest.json")) as f:

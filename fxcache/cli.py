@@ -346,6 +346,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _placement(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """``--dtype`` / ``--device`` of a command that loads a pipeline."""
+    parser.add_argument("--dtype", choices=tuple(_DTYPES), default="fp32", help=f"{prefix}the pipeline's dtype")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help=f"{prefix}where the pipeline runs")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fxcache import __version__
 
@@ -392,8 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--method", help="instead of a search: a method of fxcache.methods (e.g. FORA, TaylorSeer)")
     op.add_argument("--steps", type=_steps, default=28, help="sampling steps")
     op.add_argument("--backend", help="compile the chosen plan with this torch.compile backend (e.g. inductor)")
-    op.add_argument("--dtype", choices=tuple(_DTYPES), default="fp32", help="the pipeline's dtype")
-    op.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the pipeline runs")
+    _placement(op)
     op.add_argument("--quiet", action="store_true", help="no progress bars")
     op.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="as fxcache --debug")
     rn = sub.add_parser("run", formatter_class=fmt, help="run a pipeline with a plan and save the image",
@@ -403,8 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--prompt", required=True, help="the prompt (a class id or name for a class-conditional one)")
     rn.add_argument("-o", "--output", default="image.png", help="the image file to write")
     rn.add_argument("--seed", type=int, default=0, help="torch's seed for the initial noise")
-    rn.add_argument("--dtype", choices=tuple(_DTYPES), default="fp32", help="the pipeline's dtype")
-    rn.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the pipeline runs")
+    _placement(rn)
     rn.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="as fxcache --debug")
     lk = sub.add_parser("lock", formatter_class=fmt, help="write a lockfile: what an optimized model is, for CI",
                         description="Trace the model, bind the plan, and write the graph fingerprint, the step "
@@ -426,8 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--model", metavar="MODULE:FUNCTION", help="a function returning (model, sampler, prompts)")
     which.add_argument("--pipeline", metavar="DIR", help="a pipeline saved on disk (the lockfile fxcache optimize "
                                                         "wrote: its prompts, its number of steps)")
-    ck.add_argument("--dtype", choices=tuple(_DTYPES), default="fp32", help="--pipeline: the pipeline's dtype")
-    ck.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="--pipeline: where it runs")
+    _placement(ck, "--pipeline: ")
     ck.add_argument("--plan", help="check this plan instead of the locked one (a changed plan is reported)")
     ck.add_argument("--structural", choices=("fail", "warn"), default="fail",
                     help="fail on structural drift, or only warn (quality drift always fails)")

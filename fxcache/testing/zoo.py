@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ZOO", "ZooEntry", "build", "names"]
+__all__ = ["ZOO", "ZooEntry", "build", "names", "wide_flux"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,3 +267,28 @@ def build(name: str, seed: int = 0, batch: int = 2, dtype: torch.dtype = torch.f
     except KeyError:
         raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(ZOO)}") from None
     return entry.build(seed=seed, batch=batch, dtype=dtype, device=device)
+
+
+def wide_flux(heads: int = 4, layers: int = 2, single_layers: int = 2, steps: int = 4, seed: int = 0):
+    """``(model, sampler)``: a FluxTransformer2DModel whose weights dominate (``heads`` × 128 hidden; 16 image and
+    8 text tokens) and a ``steps``-step Euler sampler over one fixed noise (the prompt is ignored) — for size and
+    memory checks of exports."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=layers, num_single_layers=single_layers,
+                                       attention_head_dim=128, num_attention_heads=heads, joint_attention_dim=64,
+                                       pooled_projection_dim=32, axes_dims_rope=(16, 56, 56)).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    x, enc, ids = torch.randn(1, 16, 16, generator=gen), torch.randn(1, 8, 64, generator=gen), torch.zeros(16, 3)
+
+    def sampler(den, prompt):
+        h = x.clone()
+        for t in torch.linspace(1.0, 1.0 / steps, steps):
+            out = den(hidden_states=h, encoder_hidden_states=enc, pooled_projections=torch.ones(1, 32),
+                      timestep=t.expand(1), img_ids=ids, txt_ids=torch.zeros(8, 3))
+            h = h - out.sample / steps
+        return h
+
+    return model, sampler
