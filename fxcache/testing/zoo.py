@@ -281,13 +281,17 @@ def wide_flux(heads: int = 4, layers: int = 2, single_layers: int = 2, steps: in
                                        attention_head_dim=128, num_attention_heads=heads, joint_attention_dim=64,
                                        pooled_projection_dim=32, axes_dims_rope=(16, 56, 56)).eval()
     gen = torch.Generator().manual_seed(seed + 1)
-    x, enc, ids = torch.randn(1, 16, 16, generator=gen), torch.randn(1, 8, 64, generator=gen), torch.zeros(16, 3)
+    x = torch.randn(1, 16, 16, generator=gen, device="cpu")
+    enc = torch.randn(1, 8, 64, generator=gen, device="cpu")
 
     def sampler(den, prompt):
         h = x.clone()
-        for t in torch.linspace(1.0, 1.0 / steps, steps):
-            out = den(hidden_states=h, encoder_hidden_states=enc, pooled_projections=torch.ones(1, 32),
-                      timestep=t.expand(1), img_ids=ids, txt_ids=torch.zeros(8, 3))
+        dev = h.device
+        ids, txt_ids, pooled = (torch.zeros(16, 3, device=dev), torch.zeros(8, 3, device=dev),
+                                torch.ones(1, 32, device=dev))
+        for t in torch.linspace(1.0, 1.0 / steps, steps, device=dev):
+            out = den(hidden_states=h, encoder_hidden_states=enc, pooled_projections=pooled,
+                      timestep=t.expand(1), img_ids=ids, txt_ids=txt_ids)
             h = h - out.sample / steps
         return h
 
