@@ -240,17 +240,11 @@ def _prompt(pipe, text: str):
     raise CliError(f"{type(pipe).__name__} takes neither prompt= nor class_labels=: use the Python API")
 
 
-def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def optimize_cmd(args: argparse.Namespace) -> int:
     """``fxcache optimize PIPELINE_DIR --prompts FILE -o plan.json``: calibrate, search (or apply a method), write
     the plan, the profile report and heatmap, the search report and a lockfile next to the plan."""
     import fxcache
+    from fxcache.files import write_atomic
     from fxcache.loops import denoiser_attr, pipeline_sampler
 
     try:
@@ -285,12 +279,12 @@ def optimize_cmd(args: argparse.Namespace) -> int:
     opt.save(args.output)
     written = [args.output]
     if opt.profile is not None:
-        _write_text(stem + ".profile.txt", opt.profile.report() + "\n")
+        write_atomic(stem + ".profile.txt", opt.profile.report() + "\n")
         written.append(stem + ".profile.txt")
         if importlib.util.find_spec("matplotlib") is not None:
             opt.profile.plot(stem + ".profile.png")
             written.append(stem + ".profile.png")
-    _write_text(stem + ".search.txt", opt.search_report() + "\n")
+    write_atomic(stem + ".search.txt", opt.search_report() + "\n")
     written.append(stem + ".search.txt")
     sampler = pipeline_sampler(pipe, {"num_inference_steps": args.steps})
     fxcache.lock(opt, stem + ".lock.json", prompts[:2], sampler)

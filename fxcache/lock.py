@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from fxcache.errors import DriftError, InputError, PlanError
-from fxcache.ir import dump as _dump
+from fxcache.files import write_atomic
+from fxcache.ir import fingerprint
 from fxcache.ir.meta import info, op_name
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def _variant_record(gm: torch.fx.GraphModule) -> dict[str, Any]:
             continue
         nodes += 1
         by_module[info(node).module_path or "<root>"][op_name(node)] += 1
-    return {"dump_sha256": _sha(_dump(gm)), "nodes": nodes,
+    return {"dump_sha256": fingerprint(gm), "nodes": nodes,
             "ops": {m: dict(sorted(c.items())) for m, c in sorted(by_module.items())}}
 
 
@@ -124,11 +125,8 @@ def lock_data(opt, prompts: Sequence, sampler: Callable, *, tolerance_db: float 
 
 
 def _write(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    """The lockfile's text: JSON with sorted keys (diff-friendly), written atomically."""
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def lock(opt, path: str | os.PathLike, prompts: Sequence, sampler: Callable, *, tolerance_db: float = TOLERANCE_DB,

@@ -18,11 +18,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 from fxcache.errors import InputError, PlanError
+from fxcache.files import write_atomic
 from fxcache.ir.points import CachePoint
 
 __all__ = ["ACTIONS", "GATE_KINDS", "LINEAR_PREFIX", "ORDER", "SECTIONS", "CfgCacheSection", "GateSection",
@@ -387,19 +387,7 @@ class Plan:
     def save(self, path: str | os.PathLike) -> str:
         """Write the plan as JSON: to a temporary file in the same directory, flushed, then renamed — an
         interrupted save leaves the old file (or none), never half a plan."""
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_json(), f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return path
+        return write_atomic(path, lambda f: json.dump(self.to_json(), f, indent=1))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:

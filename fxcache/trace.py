@@ -67,8 +67,8 @@ class CallSignature:
         return self._device if self._device is not None else device_of(self.model)
 
     def to_json(self) -> dict:
-        """The signature as data (an exported plan binds calls without the model's code). Defaults that are not
-        JSON values are recorded as unrepresentable: a call must then give that argument."""
+        """The signature as data (an exported plan binds calls without the model's code). A default that is not a
+        JSON value is recorded by its ``repr`` (:meth:`from_json` restores a stand-in with that ``repr``)."""
         params = []
         for p in self.params.values():
             entry = {"name": p.name, "kind": int(p.kind)}

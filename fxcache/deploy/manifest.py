@@ -19,6 +19,7 @@ import os
 from typing import Any
 
 from fxcache.errors import ExportError
+from fxcache.files import write_atomic
 from fxcache.rewrite import Variant
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "WEIGHTS", "read_manifest", "sha256_file", "variant_from_json",
@@ -87,10 +88,5 @@ def read_manifest(directory: str | os.PathLike, verify: bool = True) -> dict[str
 
 
 def write_json(path: str, data: Any) -> None:
-    """Write ``data`` as JSON atomically (a temporary file renamed)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``data`` as JSON atomically."""
+    write_atomic(path, json.dumps(data, indent=1))

@@ -12,7 +12,9 @@ arguments (``None``, flags) are baked into the graphs, as they are into the trac
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -23,6 +25,7 @@ import torch
 
 from fxcache import _compat
 from fxcache.deploy.manifest import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, sha256_file, variant_to_json, write_json
+from fxcache.devices import device_of, dtype_of
 from fxcache.errors import ExportError, InputError
 from fxcache.ir import copy_graph_module
 from fxcache.ir.names import IO_META
@@ -177,8 +180,6 @@ class _SharedWeights:
         self.file.close()
 
     def _put(self, data: bytes, key: tuple) -> tuple[int, int]:
-        import hashlib
-
         key = (*key, hashlib.sha256(data).hexdigest())
         where = self.offsets.get(key)
         if where is None:
@@ -269,8 +270,6 @@ def _config(model) -> dict | None:
     if config is None:
         return None
     try:
-        import json
-
         return json.loads(json.dumps(dict(config), default=lambda o: list(o) if isinstance(o, tuple) else repr(o)))
     except (TypeError, ValueError):
         return None
@@ -287,7 +286,7 @@ def export_onnx(opt, out_dir: str, *, opset: int = MIN_OPSET, overwrite: bool = 
     program, traced, model = opt.program, opt.traced, opt.fxcache_model
     for policy in opt._policies:  # every graph a run-time policy may run exists before export
         policy.prepare_all(program)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device, dtype = device_of(model), _dtype_name(dtype_of(model))
     with exported_directory(out_dir, overwrite) as tmp:
         weights = _SharedWeights(tmp)
         variants, ids = [], {}
@@ -302,13 +301,12 @@ def export_onnx(opt, out_dir: str, *, opset: int = MIN_OPSET, overwrite: bool = 
                                  "variant": variant_to_json(variant), "flops": int(program.flops[variant]), **record})
         finally:
             weights.close()
-        manifest_dtype = _dtype_name(next((p.dtype for p in model.parameters()), torch.float32))
         for v in variants:
             try:  # full: with type and shape inference (a bfloat16 Conv needs opset >= 22, ...)
                 onnx.checker.check_model(os.path.join(tmp, v["file"]), full_check=True)
             except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-                hint = (f" — a {manifest_dtype} model may need a newer opset (opset={opset} now) or another dtype"
-                        if manifest_dtype != "float32" else "")
+                hint = (f" — a {dtype} model may need a newer opset (opset={opset} now) or another dtype"
+                        if dtype != "float32" else "")
                 raise ExportError(f"{v['file']}: the ONNX checker refuses the exported model: "
                                   f"{str(e).strip()[:400]}{hint}") from e
         files = {n: {"bytes": os.path.getsize(os.path.join(tmp, n)), "sha256": sha256_file(os.path.join(tmp, n))}
@@ -325,7 +323,7 @@ def export_onnx(opt, out_dir: str, *, opset: int = MIN_OPSET, overwrite: bool = 
             "versions": {"fxcache": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
                          "onnxruntime": ort_version},
             "opset": opset, "fingerprint": opt.plan.fingerprint, "model": type(model).__name__,
-            "config": _config(model), "dtype": _dtype_name(next((p.dtype for p in model.parameters()), torch.float32)),
+            "config": _config(model), "dtype": dtype,
             "exported_on": device.type,
             "plan": opt.plan.to_json(), "points": [p.to_json() for p in program.points.values()],
             "signature": traced.signature.to_json(),

@@ -23,6 +23,7 @@ import torch
 from fxcache.deploy.manifest import MANIFEST, read_manifest, sha256_file, write_json
 from fxcache.deploy.runner import OnnxDenoiser, StepIO
 from fxcache.errors import ExportError, InputError
+from fxcache.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -101,16 +102,9 @@ def build_engines(directory: str | os.PathLike, *, precision: str = "auto", refi
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
             raise ExportError(f"TensorRT could not build an engine for {onnx_path} (see its log above)")
-        path = os.path.join(directory, entry["engine"])
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(serialized)
-        os.replace(tmp, path)
-        written.append(path)
-        log.info("built %s", path)
-    with open(cache_path + ".tmp", "wb") as f:
-        f.write(timing.serialize())
-    os.replace(cache_path + ".tmp", cache_path)
+        written.append(write_atomic(os.path.join(directory, entry["engine"]), bytes(serialized)))
+        log.info("built %s", written[-1])
+    write_atomic(cache_path, bytes(timing.serialize()))
     manifest["engines"] = {"precision": precision, "refit": refit, "tensorrt": trt.__version__,
                            "variants": {e["id"]: {"file": e["engine"]} for e in plan}}
     for e in plan:
