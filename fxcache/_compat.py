@@ -11,7 +11,7 @@ import torch.utils._pytree as pytree  # private, but the only pytree API that ex
 from torch.fx.passes.infra.pass_base import PassBase, PassResult  # not BC-guaranteed (compatibility: False)
 
 __all__ = ["OP_TYPES", "PassBase", "PassResult", "copy_codegen", "draft_export", "dynamo_counters", "error_on_recompile",
-           "keystr", "output_spec",
+           "inductor_compile", "inductor_mode_options", "invoke_subgraph", "keystr", "output_spec",
            "pytree", "tree_flatten_with_path", "unflatten", "unlift", "use_flat_codegen"]
 
 keystr = pytree.keystr
@@ -94,3 +94,28 @@ def error_on_recompile():
     import torch._dynamo
 
     return torch._dynamo.config.patch(error_on_recompile=True)
+
+
+def invoke_subgraph():
+    """The higher-order operator ``invoke_subgraph(subgraph, identifier, *operands)``: a call of a graph that
+    AOTAutograd traces and inductor compiles once per identifier (what ``nested_compile_region`` lowers to).
+    Private torch API."""
+    return torch.ops.higher_order.invoke_subgraph
+
+
+def inductor_compile(gm: torch.fx.GraphModule, example_inputs: list, options: dict | None = None):
+    """Inductor's compilation of an FX graph of aten ops, without Dynamo (no re-tracing, no guards): a callable
+    taking ``gm``'s placeholders positionally (its registered parameters are lifted by AOTAutograd).
+    ``torch._inductor`` is private."""
+    import torch._inductor
+
+    return torch._inductor.compile(gm, example_inputs, options=options)
+
+
+def inductor_mode_options(mode: str | None) -> dict:
+    """The inductor config a ``torch.compile`` ``mode`` stands for (``{}`` for the default mode)."""
+    if mode in (None, "default"):
+        return {}
+    import torch._inductor
+
+    return dict(torch._inductor.list_mode_options(mode))

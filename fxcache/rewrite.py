@@ -29,7 +29,7 @@ from fxcache.passes import (
     run_passes,
 )
 
-__all__ = ["Variant", "executed_flops", "specialize"]
+__all__ = ["Variant", "executed_flops", "live_flops", "specialize"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,3 +94,16 @@ def executed_flops(gm: torch.fx.GraphModule) -> int:
     """Matmul-like FLOPs of one call of a step graph — the whole graph (embedders, heads, gates' probes included),
     counted as FLOP counters count (:func:`fxcache.analysis.flops.matmul_flops`)."""
     return sum(matmul_flops(n) for n in gm.graph.nodes)
+
+
+def live_flops(gm: torch.fx.GraphModule) -> int:
+    """:func:`executed_flops` of ``gm`` after dead-code elimination, without rewriting it: the ops from which an
+    output is reachable."""
+    live: set[torch.fx.Node] = set()
+    todo = [n for n in gm.graph.nodes if n.op == "output"]
+    while todo:
+        node = todo.pop()
+        if node not in live:
+            live.add(node)
+            todo.extend(node.all_input_nodes)
+    return sum(matmul_flops(n) for n in live)

@@ -36,7 +36,7 @@ def _outlined_blocks(opt) -> int:
     """Blocks the plan's step graphs call as regions (each variant counts its own)."""
     from fxcache.passes.outline_blocks import REGIONS_META
 
-    modules = (getattr(fn, "_orig_mod", fn) for fn in opt._compiled.fns.values())
+    modules = (getattr(fn, "_orig_mod", getattr(fn, "gm", fn)) for fn in opt._compiled.fns.values())
     return sum(len(gm.meta[REGIONS_META]["blocks"]) for gm in modules
                if isinstance(gm, torch.fx.GraphModule) and REGIONS_META in gm.meta)
 
@@ -114,12 +114,19 @@ def test_optimize_and_load_take_a_backend(tmp_path):
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="inductor on CPU needs a C++ compiler")
-def test_inductor_on_cpu_matches_eager():
+@pytest.mark.parametrize("regional", ["nested", "graph"])
+def test_inductor_on_cpu_matches_eager(regional):
+    """With inductor the captured step graphs go to inductor directly: no Dynamo frame at all (nothing to break or
+    recompile), each distinct block compiled once (nested), the eager plan's output."""
     model, smp = dit(), sampler("euler", steps=6, cfg="none")
     opt = fxcache.optimize(model, [3], sampler=smp, method=FORA(interval=3), progress=False)
-    eager, first, _second, graphs = _compiled_twice(opt, smp, backend="inductor")
-    assert graphs == opt.compiled_variants == len(opt.variants) and opt.compiled_regions > 0
+    eager, first, second, graphs = _compiled_twice(opt, smp, backend="inductor", regional=regional)
+    assert graphs == 0 and opt.compiled_variants == len(opt.variants)
+    assert (opt.compiled_regions > 0) == (regional == "nested")
+    if regional == "nested":
+        assert _outlined_blocks(opt) > opt.compiled_regions
     torch.testing.assert_close(first, eager, rtol=1e-4, atol=1e-4)
+    assert torch.equal(first, second)
 
 
 def test_bad_backends_are_refused_before_calibration():

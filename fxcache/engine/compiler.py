@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 
+from fxcache._compat import inductor_compile, inductor_mode_options, invoke_subgraph
 from fxcache.devices import device_of
 from fxcache.errors import InputError
 from fxcache.ir import copy_graph_module, fetch_attr
@@ -22,12 +23,15 @@ __all__ = ["REGIONAL", "CompiledGraphs", "Compiler"]
 
 
 #: how a step graph reaches the compiler. ``"nested"`` (default without CUDA graphs) — outlined
-#: (:class:`~fxcache.passes.OutlineBlocks`), the whole step compiled as one program whose blocks are
-#: ``torch.compiler.nested_compile_region`` calls: each distinct block is compiled once, the step runs as one
-#: compiled program. ``"blocks"`` — outlined, each distinct block compiled once on its own (shared by every block,
-#: step graph and variant of the plan) and the step around them run as Python: the quickest to compile, but each
-#: block call pays a compiled function's entry (guards; ~0.2 ms on a CPU). ``"graph"`` (default with CUDA graphs) —
-#: the whole step graph compiled inlined (the slowest to compile; one CUDA-graph capture per step).
+#: (:class:`~fxcache.passes.OutlineBlocks`), the whole step compiled as one program whose blocks are calls of
+#: ``invoke_subgraph`` regions: each distinct block is compiled once, the step runs as one compiled program.
+#: ``"blocks"`` — outlined, each distinct block compiled once on its own (shared by every block, step graph and
+#: variant of the plan) and the step around them run as Python: each block call pays a compiled function's entry
+#: (guards; ~0.2 ms on a CPU). ``"graph"`` (default with CUDA graphs) — the whole step graph compiled inlined (the
+#: slowest to compile; one CUDA-graph capture per step). With ``backend="inductor"`` and no CUDA graphs, ``nested``
+#: and ``graph`` step graphs (already captured aten graphs) go to inductor directly — no Dynamo re-trace (a third
+#: of a deep model's compile time), no guards to check per call; otherwise through ``torch.compile`` (``nested``:
+#: with ``torch.compiler.nested_compile_region``).
 REGIONAL = ("nested", "blocks", "graph")
 
 
@@ -81,33 +85,102 @@ class Compiler:
         kwargs = {"options": self.options} if self.options else {"mode": self.mode} if self.mode else {}
         return torch.compile(fn, backend=self.backend, fullgraph=True, dynamic=False, **kwargs)
 
+    @property
+    def direct(self) -> bool:
+        """Whether step graphs go to inductor directly (``backend="inductor"`` without CUDA graphs, ``nested`` or
+        ``graph``; CUDA graphs are captured through ``torch.compile``'s ``reduce-overhead``, as measured on GPUs)."""
+        return (self.regional != "blocks" and self.backend == "inductor" and not self.cuda_graphs
+                and not self._inductor_options().get("triton.cudagraphs"))
+
+    def _inductor_options(self) -> dict:
+        return {**inductor_mode_options(self.mode), **(self.options or {})}
+
     def __call__(self, gm: torch.fx.GraphModule, blocks=(), regions: dict | None = None) -> Callable:
         """The compiled step graph ``gm``; ``blocks`` (module paths) and ``regions`` (shared across a plan's
         graphs) for the regional modes."""
         if self.regional != "graph" and blocks:
-            wrap = self.compile_fn if self.regional == "blocks" else _nested
+            direct = self.direct
+            wrap = self.compile_fn if self.regional == "blocks" else None if direct else _nested
             outlined = run_passes(copy_graph_module(gm), [OutlineBlocks(blocks, wrap, regions,
                                                                       aliasing_inputs=self.regional == "blocks")])
             if outlined.meta[REGIONS_META]["blocks"]:
-                if self.regional == "nested":
-                    return self.compile_fn(outlined)
-                return _direct_weights(outlined)
-        return self.compile_fn(gm)
+                if self.regional == "blocks":
+                    return _flat_weights(outlined, registered=False)
+                outlined = _flat_weights(outlined, registered=True)
+                if direct:
+                    return _CompileOnFirstCall(_subgraph_calls(outlined, regions), self._inductor_options())
+                return self.compile_fn(outlined)
+        if self.direct:
+            return _CompileOnFirstCall(_flat_weights(copy_graph_module(gm), registered=True),
+                                       self._inductor_options())
+        return self.compile_fn(_flat_weights(copy_graph_module(gm), registered=True))
 
 
-def _direct_weights(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """``gm`` (run as Python code between compiled regions) reading each weight as one plain attribute instead of a
-    chain of submodule lookups (``self.blocks[0].attn.to_q.weight`` costs five ``nn.Module.__getattr__`` calls;
-    the regions of a deep model take hundreds of weights per step)."""
+class _CompileOnFirstCall:
+    """A step graph compiled by inductor (:func:`fxcache._compat.inductor_compile`) with the inputs of its first
+    call (a step graph is specialised to one call structure: its inputs' shapes, dtypes and devices never change),
+    then called directly: no Dynamo frame, no guards."""
+
+    def __init__(self, gm: torch.fx.GraphModule, options: dict):
+        self.gm = gm  # kept: the regions record and the tests read it
+        self.options = options
+        self.fn = None
+
+    def __call__(self, *inputs):
+        fn = self.fn
+        if fn is None:
+            with torch.no_grad():  # an inference graph: parameters need no gradient
+                fn = self.fn = inductor_compile(self.gm, list(inputs), self.options or None)
+        return fn(*inputs)
+
+
+def _subgraph_calls(gm: torch.fx.GraphModule, regions: dict) -> torch.fx.GraphModule:
+    """``gm`` with each call of an outlined region replaced by ``invoke_subgraph(region graph, "fxcache_region_i",
+    *operands)`` — the operator AOTAutograd traces and inductor compiles once per region."""
+    index = {fn: (i, region_gm) for i, (region_gm, fn) in enumerate(regions.values())}
+    graph, op = gm.graph, invoke_subgraph()
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in index:
+            continue
+        i, region_gm = index[node.target]
+        name = f"fxcache_region_{i}"
+        if not hasattr(gm, name):
+            gm.add_submodule(name, region_gm)
+        with graph.inserting_before(node):
+            subgraph = graph.get_attr(name)
+            call = graph.call_function(op, (subgraph, name, *node.args))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+    gm.recompile()
+    return gm
+
+
+def _flat_weights(gm: torch.fx.GraphModule, registered: bool) -> torch.fx.GraphModule:
+    """``gm`` (a copy: its ``get_attr`` nodes are retargeted) reading each parameter as one attribute of its own
+    instead of a chain of submodule lookups: ``self.blocks[0].attn.to_q.weight`` costs five attribute lookups per
+    call when run as Python, and as many traced lookups when torch.compile traces it — the step of a deep model
+    reads hundreds of weights (flat, dynamo traces a 57-block FLUX step in less than half the time).
+
+    ``registered``: the parameter is registered on ``gm`` (what torch.compile lifts as a graph input, as before);
+    else a plain attribute (Python between compiled regions: found without ``nn.Module.__getattr__``). The same
+    ``Parameter`` objects are shared, so ``.to()``/``.half()`` (which update parameters in place) still reach them;
+    buffers keep their paths (``.to()`` replaces buffer objects)."""
     names: dict[str, str] = {}
     for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            flat = names.get(node.target)
-            if flat is None:
-                flat = names[node.target] = f"_fxcache_w{len(names)}"
-                value = fetch_attr(gm, node.target)
+        if node.op != "get_attr":
+            continue
+        flat = names.get(node.target)
+        if flat is None:
+            value = fetch_attr(gm, node.target)
+            if not isinstance(value, torch.nn.Parameter):
+                continue
+            flat = names[node.target] = f"_fxcache_w{len(names)}"
+            if registered:
+                gm.register_parameter(flat, value)
+            else:
                 gm.__dict__[flat] = value  # a plain attribute: found without nn.Module.__getattr__
-            node.target = flat
+        node.target = flat
     gm.recompile()
     return gm
 

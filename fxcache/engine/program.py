@@ -19,7 +19,7 @@ from fxcache.analysis.cut import prefix_cut
 from fxcache.ir.names import IO_META
 from fxcache.ir.points import CachePoint
 from fxcache.plan import Plan, is_forecast, order_of
-from fxcache.rewrite import Variant, executed_flops, specialize
+from fxcache.rewrite import Variant, executed_flops, live_flops, specialize
 
 __all__ = ["StepProgram"]
 
@@ -45,9 +45,10 @@ class StepProgram(torch.nn.Module):
         self.writes_of_step: list[tuple[str, ...]] = [v.writes for v in wanted]
         for v in self.variant_of_step:
             self.add(v)
-        # the uncached baseline is the full graph after the same dead-code elimination the variants get
-        full = self.graphs.get(Variant()) or self._specialize(Variant())
-        self.full_flops = executed_flops(full)
+        # the uncached baseline: the traced graph's ops that reach its outputs (what dead-code elimination keeps
+        # of the full variant; counted without specialising a graph no step runs)
+        full = self.graphs.get(Variant())
+        self.full_flops = executed_flops(full) if full is not None else live_flops(traced.graph_module)
         placeholders = [n for n in traced.graph_module.graph.nodes if n.op == "placeholder"]
         input_names = [n.meta["fxcache"].key[len("input:"):] for n in placeholders]
         self.step_index = input_names.index(traced.step_input) if traced.step_input in input_names else None

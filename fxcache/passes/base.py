@@ -55,12 +55,14 @@ class FxPass(PassBase):
 
 
 def run_passes(gm: torch.fx.GraphModule, passes: Sequence[FxPass]) -> torch.fx.GraphModule:
-    """Run ``passes`` in order (each checks its contract and verifies the IR after itself), recompile after each
-    that modified the graph and record each in ``gm.meta[PASSES_META]``.
+    """Run ``passes`` in order (each checks its contract and verifies the IR after itself), record each in
+    ``gm.meta[PASSES_META]`` and recompile once at the end when any modified the graph (passes read and rewrite
+    the graph, never run its code: one recompile instead of one per pass — each costs ~0.3 s on a 57-block graph).
 
     Errors propagate with their own type; the log names the pass that raised and the passes before it.
     """
     done: list[str] = []
+    modified = False
     for p in passes:
         name = p.name or type(p).__name__
         start = time.perf_counter()
@@ -71,12 +73,13 @@ def run_passes(gm: torch.fx.GraphModule, passes: Sequence[FxPass]) -> torch.fx.G
             raise
         if result is not None:
             gm = result.graph_module
-            if result.modified:
-                gm.recompile()
+            modified = modified or result.modified
         gm.meta[PASSES_META] = [*applied_passes(gm), name]
         log.debug("pass %s took %.3fs (modified: %s)", name, time.perf_counter() - start,
                   result.modified if result is not None else "?")
         done.append(name)
+    if modified:
+        gm.recompile()
     return gm
 
 

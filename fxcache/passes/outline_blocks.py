@@ -57,8 +57,10 @@ class OutlineBlocks(FxPass):
         graph = graph_module.graph
         regions = self.regions
         placed: dict[str, int] = {}
+        grouped = _members_by_block(graph, self.blocks)
         for block in self.blocks:
-            members = [n for n in graph.nodes if n.op == "call_function" and within(info(n).module_path, block)]
+            members = grouped[block] if grouped is not None else [
+                n for n in graph.nodes if n.op == "call_function" and within(info(n).module_path, block)]
             if not members:
                 continue
             built = self._extract(graph_module, block, members, self.aliasing_inputs)
@@ -161,6 +163,26 @@ _VIEW_OPS = ("aten.view", "aten._unsafe_view", "aten.reshape", "aten.slice", "at
              "aten.as_strided", "aten.narrow", "aten.split", "aten.chunk", "aten.unbind", "aten.detach", "aten.to.",
              "aten.contiguous", "aten.flatten", "aten.unflatten", "aten.view_as", "aten.expand_as", "aten.diagonal",
              "aten._to_copy", "getitem")
+
+
+def _members_by_block(graph: torch.fx.Graph, blocks: Sequence[str]) -> dict[str, list[torch.fx.Node]] | None:
+    """Each block's ``call_function`` nodes in graph order, found in one walk (a deep model's step graph has
+    thousands of nodes and dozens of blocks); None when a block lies inside another (then each block is scanned
+    after the blocks before it are outlined)."""
+    wanted = set(blocks)
+    if any(within(a, b) for a in wanted for b in wanted if a != b):
+        return None
+    grouped: dict[str, list[torch.fx.Node]] = {b: [] for b in blocks}
+    for n in graph.nodes:
+        if n.op != "call_function":
+            continue
+        path = info(n).module_path
+        while path:
+            if path in wanted:
+                grouped[path].append(n)
+                break
+            path = path.rpartition(".")[0]
+    return grouped
 
 
 def _without_trailing_views(members: list[torch.fx.Node]) -> list[torch.fx.Node]:
