@@ -11,7 +11,7 @@ import torch.utils._pytree as pytree  # private, but the only pytree API that ex
 from torch.fx.passes.infra.pass_base import PassBase, PassResult  # not BC-guaranteed (compatibility: False)
 
 __all__ = ["OP_TYPES", "PassBase", "PassResult", "copy_codegen", "draft_export", "dynamo_counters", "error_on_recompile",
-           "inductor_compile", "inductor_mode_options", "invoke_subgraph", "keystr", "output_spec",
+           "concrete_int", "inductor_compile", "inductor_mode_options", "invoke_subgraph", "keystr", "output_spec",
            "pytree", "tree_flatten_with_path", "unflatten", "unlift", "use_flat_codegen"]
 
 keystr = pytree.keystr
@@ -119,3 +119,30 @@ def inductor_mode_options(mode: str | None) -> dict:
     import torch._inductor
 
     return dict(torch._inductor.list_mode_options(mode))
+
+
+def concrete_int(value) -> int:
+    """``value`` as a Python int: a symbolic size (a SymInt from a graph whose shapes depend on data, e.g. after
+    ``nonzero``) by its hint, else by the example value export recorded for its unbacked symbols, else by its
+    finite upper bound, else 1 per unresolved symbol. For cost estimates only. Reads torch's ShapeEnv (private)."""
+    if isinstance(value, int):
+        return value
+    if not isinstance(value, torch.SymInt):
+        return int(value)
+    node = value.node
+    hint = getattr(node, "hint", None)
+    if hint is not None:
+        return int(hint)
+    expr, env = node.expr, node.shape_env
+    known = dict(getattr(env, "unbacked_var_to_val", None) or {})
+    guess = expr.xreplace(known) if known else expr
+    if not guess.free_symbols:
+        return int(guess)
+    for sym in guess.free_symbols:
+        bound = getattr(env, "var_to_range", {}).get(sym)
+        upper = getattr(bound, "upper", None)
+        try:
+            known[sym] = int(upper) if upper is not None and upper.is_finite else 1
+        except (TypeError, ValueError):
+            known[sym] = 1
+    return int(expr.xreplace(known))

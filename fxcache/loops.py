@@ -22,7 +22,8 @@ import torch
 from fxcache.errors import InputError
 
 __all__ = ["DENOISER_ATTRS", "CallLog", "denoiser_attr", "final_tensor", "is_pipeline", "original_forward",
-           "pipeline_kwargs", "pipeline_sampler", "record_calls", "run_loop", "step_values", "unwrap", "StepTracker"]
+           "pipeline_kwargs", "pipeline_sampler", "record_calls", "run_loop", "step_scalar", "step_values", "unwrap",
+           "StepTracker"]
 
 #: pipeline attributes that hold the denoiser, in the order they are looked up
 DENOISER_ATTRS = ("transformer", "unet", "prior", "decoder")
@@ -214,6 +215,15 @@ def record_calls(model, prompt, *, sampler: Callable | None = None, call_kwargs:
         raise InputError("the sampling loop returned without calling the denoiser; a sampler must call "
                          "denoiser(...) at least once per step")
     return CallLog(module, calls, final_tensor(result, "the sampling loop's result"))
+
+
+def step_scalar(v: torch.Tensor) -> torch.Tensor:
+    """The value that stands for a call's step input, as a one-element tensor on its device (no host sync): the
+    input itself when it has one element, else its largest element — the same for a batch of equal timesteps,
+    and the noisy frames' timestep for video models that give each frame its own (a conditioning frame pinned to
+    0 does not hide the step)."""
+    flat = v.reshape(-1)
+    return flat[:1] if flat.numel() == 1 else flat.amax().reshape(1)
 
 
 def step_values(values: Sequence[float | None]) -> tuple[list[int], list[float | None]]:

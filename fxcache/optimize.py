@@ -17,7 +17,16 @@ from fxcache.analysis.points import find_cache_points, find_signals
 from fxcache.engine import Compiler
 from fxcache.errors import InputError, PlanError
 from fxcache.identity import weights_digest
-from fxcache.loops import denoiser_attr, final_tensor, is_pipeline, record_calls, run_loop, step_values, unwrap
+from fxcache.loops import (
+    denoiser_attr,
+    final_tensor,
+    is_pipeline,
+    record_calls,
+    run_loop,
+    step_scalar,
+    step_values,
+    unwrap,
+)
 from fxcache.methods import Method, PlanContext
 from fxcache.profiling import Profile, check_loop_arguments, run_profile
 from fxcache.runtime import OptimizedDenoiser
@@ -193,7 +202,7 @@ def _check_profile(prof, model, denoiser, calib_prompts, sampler, call_kwargs, s
         a, k, _ = traced.signature.bind(args, kwargs, "denoiser call")
         leaves = dict(zip(_input_names(traced), _leaves(a, k)))
         v = leaves.get(traced.step_input)
-        values.append(float(v.reshape(-1)[0]) if isinstance(v, torch.Tensor) else
+        values.append(float(step_scalar(v)) if isinstance(v, torch.Tensor) else
                       float(v) if isinstance(v, (int, float)) else None)
     _, per_step = step_values(values)
     if len(per_step) != prof.num_steps:

@@ -28,7 +28,7 @@ from fxcache.engine import CacheStore, CompiledGraphs, Compiler, StepProgram
 from fxcache.errors import IncompleteRunWarning, InputError, PlanError
 from fxcache.ir.names import parse_input, write_output
 from fxcache.ir.points import CachePoint
-from fxcache.loops import StepTracker
+from fxcache.loops import StepTracker, step_scalar
 from fxcache.methods import policies_for
 from fxcache.plan import Plan
 from fxcache.predictors import forecast_coefficients
@@ -359,7 +359,7 @@ class OptimizedDenoiser(torch.nn.Module):
             return self._advance_counting(v, me)
         t = None
         if v is not None:
-            t = float(v if not isinstance(v, torch.Tensor) or v.numel() == 1 else v.reshape(-1)[0])
+            t = float(step_scalar(v) if isinstance(v, torch.Tensor) else v)
         step, branch, new_run = self._tracker.advance(t)
         if new_run:
             if step == 0 and self._stats["calls"]:
@@ -405,7 +405,7 @@ class OptimizedDenoiser(torch.nn.Module):
             tracker.step, tracker.branch = tracker.step + 1, 0
         step, branch = tracker.step, tracker.branch
         if branch == 0:
-            t = v.reshape(-1)[:1].to(torch.float32, copy=True)  # kept for the message; the sampler may reuse v
+            t = step_scalar(v).to(torch.float32, copy=True)  # kept for the message; the sampler may reuse v
             self._pending_t.append((step, t))
             want, tol = self._schedule_on(t.device)
             off = (t - want[step]).abs() - tol[step]  # > 0 (or NaN) off schedule

@@ -8,11 +8,13 @@ callable with the model's own signature and output structure.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import linecache
 import logging
 import os
 import re
+import sys
 import threading
 import traceback
 from collections import OrderedDict
@@ -342,11 +344,13 @@ def _trace_error(model, exc: BaseException, tried: list[str]) -> TraceError:
 
 
 def _strategies() -> list[tuple[str, Callable]]:
+    # captured without gradients: a denoiser is traced for inference (kernels with no CPU backward, such as
+    # FlexAttention's, refuse inputs that require grad)
     return [
         ("torch.export(strict=False)",
-         lambda m, a, k: torch.export.export(m, a, k, strict=False)),
+         torch.no_grad()(lambda m, a, k: torch.export.export(m, a, k, strict=False))),
         ("torch.export.draft_export (data-dependent branches specialised to the example values)",
-         lambda m, a, k: _compat.draft_export(m, a, k)),
+         torch.no_grad()(lambda m, a, k: _compat.draft_export(m, a, k))),
     ]
 
 
@@ -356,8 +360,57 @@ _CAPTURE_LOCK = threading.RLock()
 
 
 def _capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.GraphModule, str]:
-    with _CAPTURE_LOCK:
+    with _CAPTURE_LOCK, _no_traced_values_cached(model):
+        _warm_up(model, args, kwargs)
         return _capture_locked(model, args, kwargs)
+
+
+def _warm_up(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """One eager call before capturing: state a model fills lazily on its first call (a rotary table kept on a
+    plain Python object) is then filled with real tensors — filled during the capture, it would keep symbolic ones
+    and break every later eager call. A failure here is left to the capture (which reports it)."""
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as e:  # the capture reports the model's own failure, located
+        log.debug("eager call before capture failed: %s", _one_line(e))
+
+
+def _lru_caches(model: torch.nn.Module) -> list:
+    """The ``functools.lru_cache`` functions a model's code may fill: those on its module classes and in the Python
+    modules that define them."""
+    found: dict[int, Any] = {}
+    seen: set = set()
+    for module in model.modules():
+        for cls in type(module).__mro__:
+            if cls in seen or cls.__module__.startswith("torch."):
+                continue
+            seen.add(cls)
+            namespaces = [vars(cls)]
+            source = sys.modules.get(cls.__module__)
+            if source is not None and source not in seen:
+                seen.add(source)
+                namespaces.append(vars(source))
+            for value in (v for ns in namespaces for v in list(ns.values())):
+                if callable(getattr(value, "cache_clear", None)) and callable(getattr(value, "cache_info", None)):
+                    found[id(value)] = value
+    return list(found.values())
+
+
+@contextlib.contextmanager
+def _no_traced_values_cached(model: torch.nn.Module):
+    """Capturing runs the model's code on symbolic values: an ``lru_cache`` in it (a rotary table cached per
+    shape) would keep one, and every later eager call would read a fake tensor. Caches that grew during the capture
+    are cleared after it."""
+    caches = _lru_caches(model)
+    before = [c.cache_info().currsize for c in caches]
+    try:
+        yield
+    finally:
+        for cache, size in zip(caches, before):
+            if cache.cache_info().currsize != size:
+                cache.cache_clear()
+                log.debug("cleared %s's lru_cache (filled while capturing)", getattr(cache, "__qualname__", cache))
 
 
 def _capture_locked(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.GraphModule, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -114,3 +115,60 @@ def DataDependent(dim: int = 8) -> nn.Module:
 
 def Untraceable(dim: int = 8) -> nn.Module:
     return ScaledByStep(Lengths(dim))
+
+
+class _RopeTable:
+    """A plain Python object (not a module) that fills its table on first use — as some diffusers rotary
+    embedders do."""
+
+    def __init__(self, dim: int):
+        self.dim, self.table = dim, None
+
+    def __call__(self, pos: torch.Tensor) -> torch.Tensor:
+        if self.table is None or self.table.shape != pos.shape[1:]:
+            self.table = torch.cos(pos[0] / (1 + torch.arange(self.dim, device=pos.device)))
+        return self.table
+
+
+class LazyCaches(TinyDiT):
+    """TinyDiT whose position table is filled lazily (a plain-object cache) and whose step embedding goes through a
+    ``functools.lru_cache`` method: state a capture must not leave holding symbolic values."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.rope = _RopeTable(self.dim)
+
+    @functools.lru_cache(maxsize=8)  # noqa: B019 — the pattern under test (keyed on the module and a size)
+    def _freqs(self, n: int) -> torch.Tensor:
+        return torch.exp(-torch.arange(n, dtype=torch.float32) / n)
+
+    def forward(self, x, t, y):
+        b, _, h, w = x.shape
+        tokens = self.x_embed(x).flatten(2).transpose(1, 2) + self.pos + self.rope(self.pos)
+        c = self.t_mlp(sinusoidal(t, self.dim) * self._freqs(self.dim)) + self.y_embed(y)
+        for blk in self.blocks:
+            tokens = blk(tokens, c)
+        out = self.final(self.final_norm(tokens))
+        p = self.patch
+        out = out.reshape(b, h // p, w // p, p, p, 2 * self.in_ch).permute(0, 5, 1, 3, 2, 4)
+        return out.reshape(b, 2 * self.in_ch, h, w)
+
+
+class PerFrameStep(nn.Module):
+    """A video denoiser whose timestep is per frame (``[batch, frames]``), frame 0 a clean condition pinned to 0."""
+
+    def __init__(self, ch=4, dim=16, depth=2, heads=2):
+        super().__init__()
+        self.embed = nn.Linear(ch, dim)
+        self.t_mlp = nn.Linear(dim, dim)
+        self.blocks = nn.ModuleList([Block(dim, heads) for _ in range(depth)])
+        self.out = nn.Linear(dim, ch)
+        self.dim = dim
+
+    def forward(self, sample, timestep, context):
+        b, f, n, c = sample.shape  # [batch, frames, tokens, channels]
+        tokens = self.embed(sample).reshape(b, f * n, self.dim)
+        emb = self.t_mlp(sinusoidal(timestep.reshape(-1), self.dim)).reshape(b, f, self.dim).mean(1) + context
+        for blk in self.blocks:
+            tokens = blk(tokens, emb)
+        return self.out(tokens).reshape(b, f, n, c)

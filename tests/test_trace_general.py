@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import max_abs_diff
-from custom_models import DataDependent, ParallelHeads, TinyDiT
+from custom_models import DataDependent, LazyCaches, ParallelHeads, PerFrameStep, TinyDiT
 
 import fxcache
 
@@ -170,3 +170,52 @@ def test_step_input_override():
     td = fxcache.trace(model, inputs, step_input="guidance")
     assert td.step_input == "guidance"
     assert "timestep" in td.structure.step_candidates
+
+
+@torch.no_grad()
+def test_capture_leaves_no_symbolic_value_in_lazily_filled_state():
+    """A rotary table a plain Python object fills on first use, and an lru_cache'd method: capturing a model that
+    never ran before must leave real tensors there — the eager model still runs and matches the graph."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    model = LazyCaches().eval()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 10.0]), torch.tensor([1, 3])
+    td = fxcache.trace(model, (x, t, y))
+    assert not isinstance(model.rope.table, FakeTensor)
+    assert max_abs_diff(model(x, t, y), td(x, t, y)) <= 1e-5
+
+
+@torch.no_grad()
+def test_a_per_frame_timestep_is_the_step_input():
+    """``timestep`` of shape [batch, frames] (a video model's per-frame noise levels) is found as the step input;
+    the step it stands for is its largest value (a conditioning frame pinned to 0 does not hide it)."""
+    from fxcache.loops import step_scalar
+
+    model = PerFrameStep().eval()
+    sample, context = torch.randn(1, 3, 4, 4), torch.randn(1, 16)
+    timestep = torch.tensor([[0.0, 700.0, 700.0]])
+    td = fxcache.trace(model, {"sample": sample, "timestep": timestep, "context": context})
+    assert td.step_input == "timestep" and td.sample_input == "sample"
+    assert max_abs_diff(td(sample=sample, timestep=timestep, context=context), model(sample, timestep, context)) <= 1e-5
+    assert step_scalar(timestep).tolist() == [700.0]
+    assert step_scalar(torch.tensor([300.0, 300.0])).tolist() == [300.0]
+    assert step_scalar(torch.tensor(5.0)).tolist() == [5.0]
+
+
+def test_flops_of_a_data_dependent_size_are_a_number():
+    """A graph whose sizes depend on data (``nonzero``): FLOP counts are still ints (the size export saw), so a
+    plan's computed fraction is a number."""
+    from fxcache.analysis.flops import matmul_flops
+
+    class Masked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+
+        def forward(self, x, mask):
+            return self.proj(x[mask.nonzero()[:, 0]]).sum(0)
+
+    ep = torch.export.export(Masked(), (torch.randn(6, 8), torch.tensor([1, 0, 1, 1, 0, 1]).bool()), strict=False)
+    flops = [matmul_flops(n) for n in ep.graph_module.graph.nodes]
+    assert all(type(f) is int for f in flops) and sum(flops) > 0
+

@@ -14,6 +14,7 @@ import math
 import torch
 import torch.fx
 
+from fxcache._compat import concrete_int
 from fxcache.ir.meta import op_name
 
 __all__ = ["count_flops", "matmul_flops", "node_flops"]
@@ -46,7 +47,12 @@ def matmul_flops(node: torch.fx.Node) -> int:
 
 def node_flops(node: torch.fx.Node, elementwise: bool = True) -> int:
     """Floating-point operations of one node (0 for inputs, parameters, output and shape-only ops; 0 for every
-    non-matmul op when ``elementwise`` is False)."""
+    non-matmul op when ``elementwise`` is False). Always an int: a size that depends on data (an unbacked symbol,
+    e.g. after ``nonzero``) counts at the value export saw (:func:`fxcache._compat.concrete_int`)."""
+    return concrete_int(_node_flops(node, elementwise))
+
+
+def _node_flops(node: torch.fx.Node, elementwise: bool) -> int:
     if node.op != "call_function":
         return 0
     op = op_name(node)

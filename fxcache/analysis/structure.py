@@ -25,6 +25,7 @@ import networkx as nx
 import torch
 import torch.fx
 
+from fxcache._compat import concrete_int
 from fxcache.errors import InputError
 from fxcache.ir.meta import info, module_paths_of, op_name, within
 
@@ -285,11 +286,11 @@ class _Analysis:
         out_vals = [x.meta.get("val") for x in flat if isinstance(x.meta.get("val"), torch.Tensor)]
         if not out_vals:
             return None
-        ref = out_vals[0].shape
+        ref = _dims(out_vals[0].shape)
 
         def score(n):
-            s = n.meta["val"].shape
-            if tuple(s) == tuple(ref):
+            s = _dims(n.meta["val"].shape)
+            if s == ref:
                 rank = 3
             elif len(s) == len(ref) and sum(a != b for a, b in zip(s, ref)) <= 1:
                 rank = 2
@@ -297,26 +298,33 @@ class _Analysis:
                 rank = 1
             else:
                 rank = 0
-            return rank, n.meta["val"].numel()
+            return rank, concrete_int(n.meta["val"].numel())
 
         candidates = [n for n in self._tensor_inputs() if n.meta["val"].is_floating_point()]
         return max(candidates, key=score, default=None)
 
     def _find_step(self, sample, override: str | None):
         """The step input and every candidate, best first: per-sample scalars that feed a sinusoidal embedding
-        (``sin``/``cos``) rank first; a conventional name breaks ties, then argument order."""
+        (``sin``/``cos``) rank first; a conventional name breaks ties, then argument order. A per-sample, per-frame
+        step input (``[batch, frames]`` or ``[batch, 1, frames]``: video models that give each frame its own
+        timestep) counts only when it has a conventional name *and* feeds a sinusoid and its first dimension is the
+        sample's batch, after every one-dimensional candidate."""
         tensors = self._tensor_inputs()
+        batch = sample.meta["val"].shape[0] if sample is not None and sample.meta["val"].dim() > 0 else None
         scored = []
         for order, n in enumerate(tensors):
             v = n.meta["val"]
-            if v.dim() > 1 or v.dtype == torch.bool or n is sample:
+            if v.dtype == torch.bool or n is sample:
                 continue
             sinusoid = any(op_name(d) in _SINUSOID_OPS for d in nx.descendants(self.dg, n))
             named = self._input_name(n).split(".")[-1].lower() in _STEP_NAMES
+            per_frame = v.dim() > 1
+            if per_frame and not (sinusoid and named and batch is not None and v.shape[0] == batch):
+                continue
             if sinusoid or named:
-                scored.append((-(2 * sinusoid + named), order, n))
-        scored.sort(key=lambda t: t[:2])
-        cands = [n for _, _, n in scored]
+                scored.append((per_frame, -(2 * sinusoid + named), order, n))
+        scored.sort(key=lambda t: t[:3])
+        cands = [n for *_, n in scored]
         if override is None:
             return (cands[0] if cands else None), cands
         for n in tensors:
@@ -390,7 +398,7 @@ class _Analysis:
                 consumers = {n: self._consumers(n, p, block_of, lineage) for n in outs}
                 stream_out = [n for n in outs if nxt in consumers[n]]
                 skip_out = [n for n in outs if consumers[n] - {nxt, "output"}]
-                stream_out_shapes = {tuple(n.meta["val"].shape) for n in stream_out
+                stream_out_shapes = {_dims(n.meta["val"].shape) for n in stream_out
                                      if isinstance(n.meta.get("val"), torch.Tensor)}
                 next_inputs = set(inputs[nxt]) if nxt != "output" else set()
                 stream_in, cond_in, skip_in = [], [], []
@@ -404,7 +412,7 @@ class _Analysis:
                         skip_in.append(x)
                     elif prev is None and x not in next_inputs and (
                             x in from_sample or (isinstance(x.meta.get("val"), torch.Tensor)
-                                                 and tuple(x.meta["val"].shape) in stream_out_shapes)):
+                                                 and _dims(x.meta["val"].shape) in stream_out_shapes)):
                         stream_in.append(x)
                     elif x in from_sample:
                         skip_in.append(x)
@@ -449,3 +457,9 @@ class _Analysis:
         if not stacks:
             log.warning("no repeated blocks found in the graph; caching will only be possible at whole-model level")
         return structure
+
+
+def _dims(shape) -> tuple:
+    """A shape with each size that depends on data (a symbol, e.g. a length read from a mask) as its expression's
+    text: compared without asking the symbol's value (which export cannot answer)."""
+    return tuple(d if isinstance(d, int) else str(d) for d in shape)

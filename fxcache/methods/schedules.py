@@ -72,6 +72,10 @@ class Scheduled(Method):
         if self.granularity not in _GRANULARITY:
             raise InputError(f"granularity must be one of {_GRANULARITY}, got {self.granularity!r}")
         pts = [p for p in ctx.of_kind(self.granularity) if self.granularity == "layer" or p.residual]
+        if not pts and self.granularity == "block":
+            # no block keeps the width and resolution of its input (a U-Net whose every block changes one): what
+            # is cached is the blocks' outputs, as DeepCache caches a U-Net's deep features
+            pts = list(ctx.of_kind("block"))
         if not pts:
             raise InputError(f"this model has no {self.granularity} cache points")
         return pts

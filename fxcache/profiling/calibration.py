@@ -38,7 +38,7 @@ from fxcache.analysis.probes import ProbeSession
 from fxcache.errors import ProfileError
 from fxcache.ir.meta import key_of
 from fxcache.ir.points import CachePoint
-from fxcache.loops import StepTracker, final_tensor
+from fxcache.loops import StepTracker, final_tensor, step_scalar
 from fxcache.profiling.metrics import HostReads, Options, step_metrics
 from fxcache.trace import CallSignature, TracedDenoiser, describe_key_change
 
@@ -239,7 +239,7 @@ class Calibration:
         if self.step_index is not None:
             v = leaves[self.step_index]
             if isinstance(v, torch.Tensor):
-                head.append(v.reshape(-1)[:1])
+                head.append(step_scalar(v))
             else:
                 t = float(v)
         sample = leaves[self.sample_index] if self.sample_index is not None else None
