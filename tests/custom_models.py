@@ -48,10 +48,14 @@ class TinyDiT(nn.Module):
         self.final = nn.Linear(dim, patch * patch * in_ch * 2)
         self.dim = dim
 
+    def embed(self, x, t, y):
+        """(patch tokens, conditioning)"""
+        tokens = self.x_embed(x).flatten(2).transpose(1, 2) + self.pos
+        return tokens, self.t_mlp(sinusoidal(t, self.dim)) + self.y_embed(y)
+
     def forward(self, x, t, y):
         b, _, h, w = x.shape
-        tokens = self.x_embed(x).flatten(2).transpose(1, 2) + self.pos
-        c = self.t_mlp(sinusoidal(t, self.dim)) + self.y_embed(y)
+        tokens, c = self.embed(x, t, y)
         for blk in self.blocks:
             tokens = blk(tokens, c)
         out = self.final(self.final_norm(tokens))
@@ -142,16 +146,9 @@ class LazyCaches(TinyDiT):
     def _freqs(self, n: int) -> torch.Tensor:
         return torch.exp(-torch.arange(n, dtype=torch.float32) / n)
 
-    def forward(self, x, t, y):
-        b, _, h, w = x.shape
+    def embed(self, x, t, y):
         tokens = self.x_embed(x).flatten(2).transpose(1, 2) + self.pos + self.rope(self.pos)
-        c = self.t_mlp(sinusoidal(t, self.dim) * self._freqs(self.dim)) + self.y_embed(y)
-        for blk in self.blocks:
-            tokens = blk(tokens, c)
-        out = self.final(self.final_norm(tokens))
-        p = self.patch
-        out = out.reshape(b, h // p, w // p, p, p, 2 * self.in_ch).permute(0, 5, 1, 3, 2, 4)
-        return out.reshape(b, 2 * self.in_ch, h, w)
+        return tokens, self.t_mlp(sinusoidal(t, self.dim) * self._freqs(self.dim)) + self.y_embed(y)
 
 
 class PerFrameStep(nn.Module):

@@ -423,8 +423,11 @@ def check(name: str, cls: type | None = None, spec: Spec | None = None) -> dict:
     return record
 
 
+_SITE = re.compile(r"[^\s(]*/(site|dist)-packages/")
+
+
 def _reason(e: BaseException, limit: int = 240) -> str:
-    text = " ".join(str(e).split())
+    text = _SITE.sub("", " ".join(str(e).split()))  # diffusers/models/... rather than this machine's path
     text = f"{type(e).__name__}: {text}" if text else type(e).__name__
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
