@@ -2,11 +2,13 @@
 of ``diffusers.models.transformers`` and ``diffusers.models.unets``, build each from a tiny config, trace it and
 check parity, blocks, step input, ``Full()`` exactness and stack reuse; write the table.
 
-    python benchmarks/coverage.py                      # every class, 2 worker processes (CPU, minutes)
+    python benchmarks/coverage.py                      # every class, 2 worker processes (CPU, ~10 minutes)
     python benchmarks/coverage.py --only Lumina2Transformer2DModel FluxTransformer2DModel -v
-    python benchmarks/coverage.py --readme README.md   # also rewrite README's coverage table
+    python benchmarks/coverage.py --out benchmarks/results --readme README.md   # the committed table + README's
+    python benchmarks/coverage.py --only DiTTransformer2DModel --jobs 1   # smoke
 
-Writes ``benchmarks/results/coverage.json`` (one record per class + the summary) and ``coverage.md``.
+Writes ``coverage.json`` (one record per class + the summary) and ``coverage.md`` into ``--out``
+(``coverage_only.*`` with ``--only``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import logging
 import multiprocessing
 import os
 import platform
-import signal
 import sys
 import time
 import warnings
@@ -29,31 +30,6 @@ from common import HelpFormatter, positive_int
 log = logging.getLogger("coverage")
 
 START, END = "<!-- coverage:start -->", "<!-- coverage:end -->"
-
-
-def _check(name: str, timeout: int, verbose: bool) -> dict:
-    """One class, in a worker process; a class that runs past ``timeout`` seconds fails with that reason."""
-    warnings.filterwarnings("ignore")
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.ERROR)
-    if not verbose:
-        logging.getLogger("fxcache").setLevel(logging.ERROR)
-    import torch
-
-    from fxcache.testing import coverage
-
-    torch.set_num_threads(1)
-
-    def alarm(*_):
-        raise TimeoutError(f"took more than {timeout} s")
-
-    signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(timeout)
-    try:
-        return coverage.check(name)
-    except TimeoutError as e:
-        return {"class": name, "status": "fail", "stage": "timeout", "reason": str(e)}
-    finally:
-        signal.alarm(0)
 
 
 def markdown(result: dict) -> str:
@@ -89,8 +65,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", metavar="CLASS", help="these classes only")
     parser.add_argument("--jobs", type=positive_int, default=2, help="worker processes")
     parser.add_argument("--timeout", type=positive_int, default=300, help="seconds per class")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
-                        help="directory for coverage.json / coverage.md")
+    parser.add_argument("--out", default=os.path.join("out", "coverage"),
+                        help="directory for coverage.json / coverage.md (the committed table: benchmarks/results)")
     parser.add_argument("--readme", help="rewrite the table between the coverage markers of this file")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs of the checks")
     args = parser.parse_args(argv)
@@ -110,8 +86,9 @@ def main(argv=None) -> int:
     start = time.time()
     records: dict[str, dict] = {}
     context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no state between runs
-    with cf.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
-        futures = {pool.submit(_check, n, args.timeout, args.verbose): n for n in names}
+    with cf.ProcessPoolExecutor(args.jobs, mp_context=context, initializer=coverage.worker_init,
+                                initargs=(args.verbose,)) as pool:
+        futures = {pool.submit(coverage.check_within, n, args.timeout): n for n in names}
         for future in cf.as_completed(futures):
             name = futures[future]
             try:

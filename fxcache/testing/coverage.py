@@ -26,8 +26,10 @@ import logging
 import math
 import pkgutil
 import re
+import signal
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +37,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ROOTS", "Spec", "check", "denoiser_classes", "example_inputs", "expected_blocks", "tiny_config"]
+__all__ = ["ROOTS", "Spec", "check", "check_within", "denoiser_classes", "example_inputs", "expected_blocks",
+           "summary", "tiny_config", "worker_init"]
 
 #: the subpackages whose ModelMixin subclasses are diffusers' denoisers
 ROOTS = ("diffusers.models.transformers", "diffusers.models.unets")
@@ -421,6 +424,33 @@ def check(name: str, cls: type | None = None, spec: Spec | None = None) -> dict:
         log.debug("%s failed at %s:\n%s", name, stage, traceback.format_exc())
     record["seconds"] = round(time.perf_counter() - start, 2)
     return record
+
+
+def worker_init(verbose: bool = False) -> None:
+    """Set up a worker process of ``benchmarks/coverage.py``: quiet logs (debug ones with ``verbose``), one thread."""
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.ERROR)
+    if not verbose:
+        logging.getLogger("fxcache").setLevel(logging.ERROR)
+    torch.set_num_threads(1)
+
+
+def check_within(name: str, timeout: int) -> dict:
+    """:func:`check` of ``name``, failing with a timeout reason after ``timeout`` seconds (an alarm: call it in a
+    process's main thread, e.g. a worker process)."""
+
+    def alarm(*_):
+        raise TimeoutError(f"took more than {timeout} s")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(timeout)
+    try:
+        return check(name)
+    except TimeoutError as e:
+        return {"class": name, "status": "fail", "stage": "timeout", "reason": str(e)}
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 _SITE = re.compile(r"[^\s(]*/(site|dist)-packages/")
