@@ -37,8 +37,18 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ROOTS", "Spec", "check", "check_within", "denoiser_classes", "example_inputs", "expected_blocks",
-           "summary", "tiny_config", "worker_init"]
+__all__ = [
+    "ROOTS",
+    "Spec",
+    "check",
+    "check_within",
+    "denoiser_classes",
+    "example_inputs",
+    "expected_blocks",
+    "summary",
+    "tiny_config",
+    "worker_init",
+]
 
 #: the subpackages whose ModelMixin subclasses are diffusers' denoisers
 ROOTS = ("diffusers.models.transformers", "diffusers.models.unets")
@@ -93,10 +103,12 @@ def denoiser_classes() -> dict[str, type]:
 _LAYERS = re.compile(r"^(num_)?(.*_)?(layers|blocks|depth|single_layers|refiner_layers)$|^depth$")
 _HEADS = re.compile(r"^(num_)?(attention_)?heads?$|^num_(.*_)?heads$|^n_heads$")
 _HEAD_DIM = re.compile(r"^(attention_)?head_dim$|^attention_head_dim$|^dim_head$")
-_WIDTH = re.compile(r"^(joint_attention_dim|cross_attention_dim|caption_channels|text_embed_dim|text_dim|"
-                    r"encoder_hid_dim|pooled_projection_dim|context_dim|cap_feat_dim|text_hidden_dim|"
-                    r"time_embed_dim|inner_dim|hidden_size|hidden_dim|ffn_dim|mlp_dim|freq_dim|"
-                    r"text_embed_dim|projection_dim|image_embed_dim|clip_embed_dim)$")
+_WIDTH = re.compile(
+    r"^(joint_attention_dim|cross_attention_dim|caption_channels|text_embed_dim|text_dim|"
+    r"encoder_hid_dim|pooled_projection_dim|context_dim|cap_feat_dim|text_hidden_dim|"
+    r"time_embed_dim|inner_dim|hidden_size|hidden_dim|ffn_dim|mlp_dim|freq_dim|"
+    r"text_embed_dim|projection_dim|image_embed_dim|clip_embed_dim)$"
+)
 _SIZE = re.compile(r"^(sample_size|sample_height|sample_width|height|width|input_size|max_size)$")
 
 
@@ -143,7 +155,8 @@ def tiny_config(cls: type, spec: Spec | None = None) -> dict:
 def build(cls: type, spec: Spec | None = None, seed: int = 0) -> torch.nn.Module:
     """The tiny model of ``cls`` (seeded weights, fp32, eval mode)."""
     torch.manual_seed(seed)
-    model = cls(**tiny_config(cls, spec)).eval()
+    with torch.device("cpu"):  # test models and their inputs live on the CPU, whatever the default device
+        model = cls(**tiny_config(cls, spec)).eval()
     with torch.no_grad():  # parameters left uninitialised (torch.empty, filled from a checkpoint in real use)
         for p in model.parameters():
             if p.numel() and (not torch.isfinite(p).all() or p.abs().max() > 1e6):
@@ -156,11 +169,34 @@ def build(cls: type, spec: Spec | None = None, seed: int = 0) -> torch.nn.Module
 
 _SAMPLE = ("hidden_states", "sample", "x", "latents", "hidden_state", "latent", "noisy_latents", "img", "z")
 _STEP = ("timestep", "timesteps", "t", "sigma", "sigmas", "noise_level", "time", "timestep_cond_index")
-_TEXT = ("encoder_hidden_states", "context", "encoder_hidden_states_t5", "prompt_embeds", "text_embeds",
-         "cap_feats", "y", "txt", "text_states", "caption")
-_TEXT_DIMS = ("joint_attention_dim", "cross_attention_dim", "caption_channels", "text_embed_dim", "text_dim",
-              "encoder_hid_dim", "context_dim", "cap_feat_dim", "text_hidden_dim", "text_states_dim",
-              "caption_projection_dim", "encoder_hidden_size", "txt_in_features", "context_in_dim")
+_TEXT = (
+    "encoder_hidden_states",
+    "context",
+    "encoder_hidden_states_t5",
+    "prompt_embeds",
+    "text_embeds",
+    "cap_feats",
+    "y",
+    "txt",
+    "text_states",
+    "caption",
+)
+_TEXT_DIMS = (
+    "joint_attention_dim",
+    "cross_attention_dim",
+    "caption_channels",
+    "text_embed_dim",
+    "text_dim",
+    "encoder_hid_dim",
+    "context_dim",
+    "cap_feat_dim",
+    "text_hidden_dim",
+    "text_states_dim",
+    "caption_projection_dim",
+    "encoder_hidden_size",
+    "txt_in_features",
+    "context_in_dim",
+)
 _CHANNELS = ("in_channels", "in_dim", "num_channels", "latent_channels", "input_dim", "in_features", "in_chans")
 
 
@@ -182,32 +218,43 @@ def _layouts(model: torch.nn.Module, gen: torch.Generator) -> list[torch.Tensor]
     side = max(2 * p, 4 * p if p <= 2 else 2 * p)
     size = _cfg(model, "sample_size", default=side)
     side = size if size and size <= 32 else side
-    return [torch.randn(BATCH, c, side, side, generator=gen), torch.randn(BATCH, c, 2, side, side, generator=gen),
-            torch.randn(BATCH, 2, c, side, side, generator=gen), torch.randn(BATCH, 16, c, generator=gen),
-            torch.randn(BATCH, c, 16, generator=gen)]
+    return [
+        torch.randn(BATCH, c, side, side, generator=gen, device="cpu"),
+        torch.randn(BATCH, c, 2, side, side, generator=gen, device="cpu"),
+        torch.randn(BATCH, 2, c, side, side, generator=gen, device="cpu"),
+        torch.randn(BATCH, 16, c, generator=gen, device="cpu"),
+        torch.randn(BATCH, c, 16, generator=gen, device="cpu"),
+    ]
 
 
 def _value_for(name: str, p: inspect.Parameter, model: torch.nn.Module, gen: torch.Generator, sample) -> Any:
     """The generic example value of forward argument ``name`` (None: leave it to its default)."""
     text_len = 8
     if name in _STEP:
-        return torch.full((BATCH,), 500.0)
+        return torch.full((BATCH,), 500.0, device="cpu")
     if name in _TEXT:
-        return torch.randn(BATCH, text_len, _cfg(model, *_TEXT_DIMS, default=32), generator=gen)
+        return torch.randn(BATCH, text_len, _cfg(model, *_TEXT_DIMS, default=32), generator=gen, device="cpu")
     if name in ("pooled_projections", "pooled_prompt_embeds", "pooled_text_emb", "vec"):
-        return torch.randn(BATCH, _cfg(model, "pooled_projection_dim", "vec_in_dim", default=32), generator=gen)
+        return torch.randn(
+            BATCH, _cfg(model, "pooled_projection_dim", "vec_in_dim", default=32), generator=gen, device="cpu"
+        )
     if name == "img_ids":
         n = sample.shape[1] if sample.dim() == 3 else 16
-        return torch.zeros(n, 3)
+        return torch.zeros(n, 3, device="cpu")
     if name == "txt_ids":
-        return torch.zeros(text_len, 3)
+        return torch.zeros(text_len, 3, device="cpu")
     if name == "guidance":
-        return torch.full((BATCH,), 3.5)
+        return torch.full((BATCH,), 3.5, device="cpu")
     if name in ("class_labels", "labels"):
-        return torch.zeros(BATCH, dtype=torch.long)
-    if name in ("encoder_attention_mask", "attention_mask", "text_mask", "prompt_attention_mask",
-                "encoder_hidden_states_mask"):
-        return torch.ones(BATCH, text_len, dtype=torch.bool) if p.default is p.empty else None
+        return torch.zeros(BATCH, dtype=torch.long, device="cpu")
+    if name in (
+        "encoder_attention_mask",
+        "attention_mask",
+        "text_mask",
+        "prompt_attention_mask",
+        "encoder_hidden_states_mask",
+    ):
+        return torch.ones(BATCH, text_len, dtype=torch.bool, device="cpu") if p.default is p.empty else None
     return None
 
 
@@ -218,8 +265,11 @@ def example_inputs(model: torch.nn.Module, spec: Spec | None = None, seed: int =
     gen = torch.Generator().manual_seed(seed)
     if spec.inputs is not None:
         return spec.inputs(model, gen)
-    params = {n: p for n, p in inspect.signature(model.forward).parameters.items()
-              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    params = {
+        n: p
+        for n, p in inspect.signature(model.forward).parameters.items()
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
     errors: list[str] = []
     for sample in _layouts(model, gen):
         inputs: dict[str, Any] = {}
@@ -286,15 +336,19 @@ def make_sampler(template: dict, sample_key: str, step_key: str, steps: int = ST
 
     def sampler(denoiser, prompt):
         gen = torch.Generator().manual_seed(int(prompt))
-        x = x0 + 0.5 * torch.randn(x0.shape, generator=gen)
+        x = x0 + 0.5 * torch.randn(x0.shape, generator=gen, device="cpu")
         for i in range(steps):
             frac = 1.0 - i / steps
             t = (t0 * frac) if t0.is_floating_point() else (t0.float() * frac).round().to(t0.dtype)
             out = _first_tensor(denoiser(**_set(_set(template, sample_key, x), step_key, t)))
             if out.shape == x.shape:
                 x = x - out / steps
-            elif out.dim() == x.dim() and out.shape[0] == x.shape[0] and out.shape[2:] == x.shape[2:] \
-                    and out.shape[1] >= x.shape[1]:
+            elif (
+                out.dim() == x.dim()
+                and out.shape[0] == x.shape[0]
+                and out.shape[2:] == x.shape[2:]
+                and out.shape[1] >= x.shape[1]
+            ):
                 x = x - out[:, : x.shape[1]] / steps
             elif out.numel() == x.numel():
                 x = x - out.reshape(x.shape) / steps
@@ -371,12 +425,14 @@ def check(name: str, cls: type | None = None, spec: Spec | None = None) -> dict:
         scale = want.abs().max().item() or 1.0
         record["parity_max_abs"] = (got - want).abs().max().item()
         if not torch.allclose(got, want, rtol=1e-5, atol=1e-5 * scale):
-            raise AssertionError(f"traced output differs from eager by {record['parity_max_abs']:.3g} "
-                                 f"(output scale {scale:.3g})")
+            raise AssertionError(
+                f"traced output differs from eager by {record['parity_max_abs']:.3g} (output scale {scale:.3g})"
+            )
         stage = "blocks"
         found, own = list(traced.blocks), expected_blocks(model)
-        record.update(blocks_found=len(found), blocks_expected=len(own),
-                      blocks_missing=[b for b in own if b not in found][:5])
+        record.update(
+            blocks_found=len(found), blocks_expected=len(own), blocks_missing=[b for b in own if b not in found][:5]
+        )
         if not found:
             raise AssertionError("no blocks found")
         stage = "step input"
@@ -394,15 +450,21 @@ def check(name: str, cls: type | None = None, spec: Spec | None = None) -> dict:
             raise AssertionError(f"Full() differs from eager by {(full - eager).abs().max().item():.3g}")
         stage = "stack reuse"
         try:
-            opt = fxcache.optimize(model, [0], sampler=sampler, method=M.Scheduled(full=2, action="reuse"),
-                                   progress=False)
+            opt = fxcache.optimize(
+                model, [0], sampler=sampler, method=M.Scheduled(full=2, action="reuse"), progress=False
+            )
             record["granularity"] = "stack"
         except fxcache.InputError as e:  # a U-Net: no stack of repeated blocks, its blocks are the points
             if "no stack cache points" not in str(e):
                 raise
             stage = "block reuse"
-            opt = fxcache.optimize(model, [0], sampler=sampler, progress=False,
-                                   method=M.Scheduled(full=2, action="reuse", granularity="block"))
+            opt = fxcache.optimize(
+                model,
+                [0],
+                sampler=sampler,
+                progress=False,
+                method=M.Scheduled(full=2, action="reuse", granularity="block"),
+            )
             record["granularity"] = "block"
         with torch.no_grad():
             cached = sampler(opt, 1)
@@ -412,11 +474,14 @@ def check(name: str, cls: type | None = None, spec: Spec | None = None) -> dict:
         if not torch.isfinite(cached).all():
             raise AssertionError("stack reuse gave non-finite values")
         if stats["full_steps"] != 2 or not stats["computed_fraction"] < 1.0 - 1e-6:
-            raise AssertionError(f"stack reuse computed {stats['full_steps']} full steps of {STEPS}, fraction "
-                                 f"{stats['computed_fraction']:.3f}")
+            raise AssertionError(
+                f"stack reuse computed {stats['full_steps']} full steps of {STEPS}, fraction "
+                f"{stats['computed_fraction']:.3f}"
+            )
         if not 2 / STEPS - 1e-6 <= stats["computed_fraction"] <= 1.0:
-            raise AssertionError(f"computed fraction {stats['computed_fraction']:.3f} below its schedule's "
-                                 f"{2 / STEPS:.2f}")
+            raise AssertionError(
+                f"computed fraction {stats['computed_fraction']:.3f} below its schedule's {2 / STEPS:.2f}"
+            )
         record["status"] = "pass"
     except Exception as e:  # every failure is a row of the table, with its reason
         record["stage"] = stage
@@ -467,7 +532,11 @@ def summary(records: list[dict]) -> dict:
     the denoisers."""
     denoisers = [r for r in records if r["status"] != "not a denoiser"]
     passed = sum(r["status"] == "pass" for r in denoisers)
-    return {"classes": len(records), "denoisers": len(denoisers), "pass": passed,
-            "fail": sum(r["status"] == "fail" for r in denoisers),
-            "needs": sum(r["status"] == "needs" for r in denoisers),
-            "pass_rate": passed / len(denoisers) if denoisers else math.nan}
+    return {
+        "classes": len(records),
+        "denoisers": len(denoisers),
+        "pass": passed,
+        "fail": sum(r["status"] == "fail" for r in denoisers),
+        "needs": sum(r["status"] == "needs" for r in denoisers),
+        "pass_rate": passed / len(denoisers) if denoisers else math.nan,
+    }
