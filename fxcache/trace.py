@@ -361,19 +361,11 @@ _CAPTURE_LOCK = threading.RLock()
 
 def _capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.GraphModule, str]:
     with _CAPTURE_LOCK, _no_traced_values_cached(model):
-        _warm_up(model, args, kwargs)
-        return _capture_locked(model, args, kwargs)
-
-
-def _warm_up(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    """One eager call before capturing: state a model fills lazily on its first call (a rotary table kept on a
-    plain Python object) is then filled with real tensors — filled during the capture, it would keep symbolic ones
-    and break every later eager call. A failure here is left to the capture (which reports it)."""
-    try:
-        with torch.no_grad():
-            model(*args, **kwargs)
-    except Exception as e:  # the capture reports the model's own failure, located
-        log.debug("eager call before capture failed: %s", _one_line(e))
+        # one eager call first: state a model fills lazily on its first call (a rotary table kept on a plain Python
+        # object) is then filled with real tensors — filled during the capture, it would keep symbolic ones and
+        # break every later eager call. Its failure, if any, is what a failed capture reports
+        eager_error = _eager_failure(model, args, kwargs)
+        return _capture_locked(model, args, kwargs, eager_error)
 
 
 def _lru_caches(model: torch.nn.Module) -> list:
@@ -413,7 +405,8 @@ def _no_traced_values_cached(model: torch.nn.Module):
                 log.debug("cleared %s's lru_cache (filled while capturing)", getattr(cache, "__qualname__", cache))
 
 
-def _capture_locked(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.GraphModule, str]:
+def _capture_locked(model: torch.nn.Module, args: tuple, kwargs: dict,
+                    eager_error: BaseException | None) -> tuple[torch.fx.GraphModule, str]:
     tried: list[str] = []
     first_error: BaseException | None = None
     for name, fn in _strategies():
@@ -430,7 +423,6 @@ def _capture_locked(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[
             log.warning("captured %s with %s after %s failed", type(model).__name__, name, ", ".join(tried))
         return _compat.unlift(ep), name
     assert first_error is not None
-    eager_error = _eager_failure(model, args, kwargs)
     if eager_error is not None:
         path, cls, op, loc = _locate(eager_error, model)
         raise InputError(

@@ -98,8 +98,8 @@ class Compiler:
     def __call__(self, gm: torch.fx.GraphModule, blocks=(), regions: dict | None = None) -> Callable:
         """The compiled step graph ``gm``; ``blocks`` (module paths) and ``regions`` (shared across a plan's
         graphs) for the regional modes."""
+        direct = self.direct
         if self.regional != "graph" and blocks:
-            direct = self.direct
             wrap = self.compile_fn if self.regional == "blocks" else None if direct else _nested
             outlined = run_passes(copy_graph_module(gm), [OutlineBlocks(blocks, wrap, regions,
                                                                       aliasing_inputs=self.regional == "blocks")])
@@ -110,10 +110,8 @@ class Compiler:
                 if direct:
                     return _CompileOnFirstCall(_subgraph_calls(outlined, regions), self._inductor_options())
                 return self.compile_fn(outlined)
-        if self.direct:
-            return _CompileOnFirstCall(_flat_weights(copy_graph_module(gm), registered=True),
-                                       self._inductor_options())
-        return self.compile_fn(_flat_weights(copy_graph_module(gm), registered=True))
+        flat = _flat_weights(copy_graph_module(gm), registered=True)
+        return _CompileOnFirstCall(flat, self._inductor_options()) if direct else self.compile_fn(flat)
 
 
 class _CompileOnFirstCall:
