@@ -13,6 +13,7 @@ from fxcache.errors import (
     IRError,
     PlanError,
     ProfileError,
+    RegionFallbackWarning,
     TraceError,
 )
 from fxcache.ir.points import CachePoint
@@ -41,6 +42,7 @@ __all__ = [
     "PlanError",
     "Profile",
     "ProfileError",
+    "RegionFallbackWarning",
     "Stack",
     "Structure",
     "TensorRTDenoiser",

@@ -59,3 +59,9 @@ class FxCacheWarning(UserWarning):
 
 class IncompleteRunWarning(FxCacheWarning):
     """A sampling run stopped before the plan's last step (it ran the plan's prefix)."""
+
+
+class RegionFallbackWarning(FxCacheWarning):
+    """A model captured by regions (:mod:`fxcache.region_capture`) was called in a way its blocks did not run as
+    captured: that call was answered by the eager model."""
+

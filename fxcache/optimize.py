@@ -199,9 +199,11 @@ def _check_profile(prof, model, denoiser, calib_prompts, sampler, call_kwargs, s
     prof.traced = traced
     values = []
     for args, kwargs in recorded.calls:
-        a, k, _ = traced.signature.bind(args, kwargs, "denoiser call")
-        leaves = dict(zip(_input_names(traced), _leaves(a, k)))
-        v = leaves.get(traced.step_input)
+        if traced.region is not None:  # model-level calls; the region knows the model call's step argument
+            v = traced.region.step_value(args, kwargs)
+        else:
+            a, k, _ = traced.signature.bind(args, kwargs, "denoiser call")
+            v = dict(zip(_input_names(traced), _leaves(a, k))).get(traced.step_input)
         values.append(float(step_scalar(v)) if isinstance(v, torch.Tensor) else
                       float(v) if isinstance(v, (int, float)) else None)
     _, per_step = step_values(values)
@@ -215,9 +217,13 @@ def _check_profile(prof, model, denoiser, calib_prompts, sampler, call_kwargs, s
     return prof
 
 
-def _call_key(traced: TracedDenoiser, args, kwargs) -> tuple:
+def _call_key(traced: TracedDenoiser, args, kwargs) -> tuple | None:
+    """The key of a model call as the traced graph keys it (``None`` for a region capture: its key is of the
+    region's call, known only by running the model)."""
     from fxcache.trace import CallSignature
 
+    if traced.region is not None:
+        return None
     a, k, _ = traced.signature.bind(args, kwargs, "denoiser call")
     return CallSignature.key(a, k)
 

@@ -250,9 +250,15 @@ class OptimizedDenoiser(torch.nn.Module):
         """Of the current (or last) run: ``steps``, ``full_steps`` (steps run without any cache read), ``calls``,
         ``computed_fraction`` (matmul-like FLOPs executed by the run's graphs — gates' probes included — / those of
         the same calls uncached; what ``torch.utils.flop_counter`` measures), calls per variant and
-        ``planned_steps``. Before any call: zeros (computed fraction 1.0)."""
+        ``planned_steps``. Before any call: zeros (computed fraction 1.0). ``model_computed_fraction``: the same
+        over the whole model's calls — for a region capture (:mod:`fxcache.region_capture`) the code around the
+        region runs in full every call; otherwise equal to ``computed_fraction``."""
         s = dict(self._stats)
         s["computed_fraction"] = s["flops"] / s["full_flops"] if s["full_flops"] else 1.0
+        region = self.traced.region if self.traced is not None else None
+        outside = s["calls"] * region.outside_flops if region is not None else 0
+        total = s["full_flops"] + outside
+        s["model_computed_fraction"] = (s["flops"] + outside) / total if total else 1.0
         s["variants"] = dict(s["variants"])
         return s
 
@@ -270,6 +276,13 @@ class OptimizedDenoiser(torch.nn.Module):
     def _call(self, user_args, user_kwargs):
         if self.traced is None:
             self._bind_on_first_call(user_args, user_kwargs)
+        region = self.traced.region
+        if region is not None:  # the model's forward runs as Python; its region is this plan's graph
+            return region.run(user_args, user_kwargs, lambda named: self._call_graph((), named))
+        return self._call_graph(user_args, user_kwargs)
+
+    def _call_graph(self, user_args, user_kwargs):
+        """A call of the traced graph's signature (the model's, or its region's), dispatched as the plan says."""
         # the fast path: a call laid out like an accepted one binds without inspect and is checked leaf by leaf
         binder = self._binders.get((len(user_args), tuple(user_kwargs)))
         if binder is not None:
@@ -325,7 +338,7 @@ class OptimizedDenoiser(torch.nn.Module):
         key = CallSignature.key(args, kwargs)
         if key != traced.call_key:
             if not self.plan.read_points():  # a plan without cache reads is the traced model itself
-                return traced(*user_args, **user_kwargs)
+                return traced.call_graph(user_args, user_kwargs)
             raise InputError(
                 "this call differs from the calibration calls the plan was built for — "
                 f"{describe_key_change(traced.call_key, key)}: re-optimize for this configuration (resolution, "

@@ -31,6 +31,7 @@ from fxcache.errors import InputError, TraceError
 from fxcache.ir import dump as _dump
 from fxcache.ir import fingerprint as _fingerprint
 from fxcache.passes import AnnotateNodes, run_passes
+from fxcache.region_capture import Region, find_region, user_forward
 
 log = logging.getLogger(__name__)
 
@@ -467,9 +468,13 @@ class TracedDenoiser(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module, signature: CallSignature, graph_module: torch.fx.GraphModule,
-                 key: tuple, structure: Structure, strategy: str):
+                 key: tuple, structure: Structure, strategy: str, region: Region | None = None):
         super().__init__()
         object.__setattr__(self, "_model", model)  # not a submodule: its parameters are graph_module's already
+        #: set when only a region of the model was captured (:mod:`fxcache.region_capture`): the graph is the
+        #: region's, ``signature``/``call_key`` are its call's, and calls with the model's arguments run the model's
+        #: forward as Python around it
+        self.region = region
         self.signature = signature
         self.graph_module = graph_module
         self.structure = structure
@@ -526,6 +531,11 @@ class TracedDenoiser(torch.nn.Module):
         return _fingerprint(self.graph_module)
 
     # -- calling ----------------------------------------------------------------------------------------------------
+    @property
+    def captured_module(self) -> torch.nn.Module:
+        """The module the graph is a capture of: the model, or its region's module."""
+        return self.region.module if self.region is not None else self._model
+
     def _graph_for(self, key: tuple, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
         if key == self.call_key:
             return self.graph_module
@@ -533,7 +543,7 @@ class TracedDenoiser(torch.nn.Module):
         if gm is None:
             log.info("re-capturing %s for new input shapes/values (differs from the traced example)",
                      type(self._model).__name__)
-            gm, _ = _capture(self._model, args, kwargs)
+            gm, _ = _capture(self.captured_module, args, kwargs)
             gm = _annotate(gm, args, kwargs)
             self._variants[key] = gm
             if len(self._variants) > _MAX_SHAPE_VARIANTS:
@@ -543,6 +553,12 @@ class TracedDenoiser(torch.nn.Module):
         return gm
 
     def forward(self, *args, **kwargs):
+        if self.region is not None:
+            return self.region.run(args, kwargs, lambda named: self.call_graph((), named))
+        return self.call_graph(args, kwargs)
+
+    def call_graph(self, args: tuple, kwargs: dict):
+        """Run the captured graph on a call of its own signature (:attr:`signature`: the model's, or its region's)."""
         args, kwargs, want_dict = self.signature.bind(args, kwargs, "call arguments")
         gm = self._graph_for(CallSignature.key(args, kwargs), args, kwargs)
         try:
@@ -554,7 +570,7 @@ class TracedDenoiser(torch.nn.Module):
             # its assertion fired, so the graph would be wrong for them; the eager model is right
             log.warning("%s: inputs violate an assumption the captured graph was specialised on (%s); running "
                         "the eager model for this call", type(self._model).__name__, str(e).splitlines()[0])
-            out = self._model(*args, **kwargs)
+            out = self.captured_module(*args, **kwargs)
         if not want_dict:
             if hasattr(out, "to_tuple"):
                 return out.to_tuple()
@@ -563,7 +579,8 @@ class TracedDenoiser(torch.nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"model={type(self._model).__name__}, blocks={len(self.blocks)}, step_input={self.step_input!r}"
+        region = f", region={self.region.blocks[0]}..{self.region.blocks[-1]}" if self.region is not None else ""
+        return f"model={type(self._model).__name__}, blocks={len(self.blocks)}, step_input={self.step_input!r}{region}"
 
 
 def trace(model: torch.nn.Module, example_inputs: dict | tuple, *, step_input: str | None = None) -> TracedDenoiser:
@@ -596,9 +613,78 @@ def trace_call(model: torch.nn.Module, args: tuple, kwargs: dict, *, step_input:
     args, kwargs, _ = signature.bind(args, kwargs, "example_inputs")
     if not any(isinstance(leaf, torch.Tensor) for leaf in _compat.pytree.tree_leaves((args, kwargs))):
         raise InputError("example_inputs contain no tensor: pass the tensors of one real denoiser call")
-    gm, strategy = _capture(model, args, kwargs)
+    try:
+        gm, strategy = _capture(model, args, kwargs)
+    except TraceError as whole:
+        return _trace_region(model, args, kwargs, whole, step_input)
     gm = _annotate(gm, args, kwargs)
     structure = discover_structure(gm, step_input=step_input)
     log.info("captured %s with %s: %d nodes\n%s", type(model).__name__, strategy, len(gm.graph.nodes),
              structure.summary())
     return TracedDenoiser(model, signature, gm, CallSignature.key(args, kwargs), structure, strategy)
+
+
+def _trace_region(model: torch.nn.Module, args: tuple, kwargs: dict, whole: TraceError,
+                  step_input: str | None) -> TracedDenoiser:
+    """The region capture of a model whose whole forward failed to capture (``whole``): the chain of blocks with the
+    most FLOPs as the graph (:mod:`fxcache.region_capture`), checked against the eager call; ``whole`` (with why the
+    region capture did not work either) when there is none."""
+    def fail(why: str) -> TraceError:
+        err = TraceError(f"{whole}\n  region capture (each block list captured on its own) did not work either: {why}",
+                         module_path=whole.module_path, operation=whole.operation, location=whole.location)
+        err.__cause__ = whole
+        return err
+
+    with _CAPTURE_LOCK, _no_traced_values_cached(model):
+        try:
+            region, why = find_region(model, user_forward(model), args, kwargs, step_input=step_input)
+        except InputError:
+            raise
+        except Exception as e:  # the model's own code failed while its blocks were recorded
+            raise fail(f"recording its blocks failed: {_one_line(e)}") from e
+    if region is None:
+        raise fail(why)
+    signature = CallSignature(region.module, owner=f"{type(model).__name__} region {region.blocks[0]}",
+                              tensor_params=[region.step_name] if region.step_name else [])
+    rargs, rkwargs, _ = signature.bind((), region.example, "the region's inputs")
+    try:
+        gm, strategy = _capture(region.module, rargs, rkwargs)
+    except (TraceError, InputError) as e:
+        raise fail(f"capturing {region.blocks[0]}..{region.blocks[-1]} failed: {_one_line(e)}") from e
+    gm = _annotate(gm, rargs, rkwargs)
+    structure = discover_structure(gm, step_input=region.step_name)
+    traced = TracedDenoiser(model, signature, gm, CallSignature.key(rargs, rkwargs), structure,
+                            f"{region.describe()} with {strategy}", region=region)
+    want = region.pop_example_output()
+    with torch.no_grad():
+        got = traced(*args, **kwargs)
+    bad = _mismatch(want, got)
+    if bad:
+        raise fail(f"the model's output with the captured region differs from the eager one ({bad}): its forward "
+                   "uses the blocks' outputs other than through the chain")
+    cause = str(whole).splitlines()[0].split(": ", 1)[-1]
+    log.warning("%s: the whole forward could not be captured (%s); captured by regions instead: %s. Lost: %s",
+                type(model).__name__, cause, region.describe(), region.lost)
+    log.info("region of %s: %d nodes\n%s", type(model).__name__, len(gm.graph.nodes), structure.summary())
+    return traced
+
+
+def _mismatch(want, got) -> str:
+    """Why two outputs differ beyond float tolerance (``""`` when they match)."""
+    a, b = _compat.pytree.tree_leaves(want), _compat.pytree.tree_leaves(got)
+    if len(a) != len(b):
+        return f"{len(b)} outputs instead of {len(a)}"
+    for x, y in zip(a, b):
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return "an output of another type"
+        if not isinstance(x, torch.Tensor):
+            continue
+        if x.shape != y.shape:
+            return f"shape {list(y.shape)} instead of {list(x.shape)}"
+        if x.is_floating_point():
+            scale = x.abs().max().item() if x.numel() else 1.0
+            if not torch.allclose(x, y, rtol=1e-4, atol=1e-5 * (scale or 1.0), equal_nan=True):
+                return f"max abs difference {(x - y).abs().max().item():.3g} at output scale {scale:.3g}"
+        elif not torch.equal(x, y):
+            return "integer outputs differ"
+    return ""

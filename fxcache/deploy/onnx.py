@@ -51,6 +51,11 @@ def _check_exportable(opt) -> None:
     if not opt.bound:
         raise InputError("this plan is not bound to its model yet (fxcache.load binds on the first call): call it "
                          "once, or export the denoiser fxcache.optimize returned")
+    region = opt.traced.region
+    if region is not None:
+        raise ExportError(f"{type(opt.fxcache_model).__name__} was captured by regions ({region.describe()}): the "
+                          "code of its forward around the region runs as Python and cannot be exported as a step "
+                          "engine — make the model's whole forward exportable (the trace error names the line)")
     for policy in opt._policies:
         reason = policy.export_blocker
         if reason:

@@ -123,6 +123,7 @@ class Calibration:
         self.ref_key: tuple | None = None
         self.num_steps: int | None = None
         self.bypass = False
+        self._outer: tuple = ((), {})  # the model-level call being answered (a region capture re-traces with it)
         self.run: _Run | None = None
         self.mode = "record"
         self.recorder: _Recorder | None = None
@@ -161,15 +162,24 @@ class Calibration:
                            for p in self.all_points}
 
     # -- the stand-in denoiser ---------------------------------------------------------------------------------
+    @property
+    def fxcache_model(self) -> torch.nn.Module:
+        """The model this stand-in profiles (it is fxcache's, not the user's forward)."""
+        return self.model
+
     def __call__(self, *args, **kwargs):
         if self.bypass:
             return self.model.__class__.forward(self.model, *args, **kwargs)
+        if self.run is None:
+            raise ProfileError("the denoiser was called outside a calibration run")
         with torch.no_grad():
+            self._outer = (args, kwargs)
+            if self.traced is None:
+                self._instrument(self._trace(args, kwargs))
+            region = self.traced.region
+            if region is not None:  # the model's forward runs as Python around the instrumented region graph
+                return region.run(args, kwargs, lambda named: self._call((), named))
             return self._call(args, kwargs)
-
-    def _ensure_traced(self, args, kwargs):
-        if self.traced is None:
-            self._instrument(self._trace(args, kwargs))
 
     def _trace(self, args, kwargs) -> TracedDenoiser:
         """Capture the model for this call. A pipeline's denoiser has its ``forward`` pointed at this object while
@@ -187,9 +197,6 @@ class Calibration:
 
     def _call(self, args, kwargs):
         run = self.run
-        if run is None:
-            raise ProfileError("the denoiser was called outside a calibration run")
-        self._ensure_traced(args, kwargs)
         traced = self.traced
         args, kwargs, want_dict = traced.signature.bind(args, kwargs, "denoiser call")
         key = CallSignature.key(args, kwargs)
@@ -197,7 +204,7 @@ class Calibration:
             if key != traced.call_key:
                 # the traced example differs from the real calls (shape / constant): capture for the real calls
                 self.points = []
-                self._instrument(self._trace(args, kwargs))
+                self._instrument(self._trace(*self._outer))
                 traced = self.traced
             self.ref_key = key
         elif key != self.ref_key:

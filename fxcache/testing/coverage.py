@@ -436,10 +436,11 @@ def check(name: str, cls: type | None = None, spec: Spec | None = None) -> dict:
         if not found:
             raise AssertionError("no blocks found")
         stage = "step input"
-        record["step_input"], record["sample_input"] = traced.step_input, traced.sample_input
-        if traced.step_input is None or traced.sample_input is None:
-            raise AssertionError(f"step input {traced.step_input!r}, sample input {traced.sample_input!r}")
-        sampler = make_sampler(inputs, traced.sample_input, traced.step_input)
+        call = traced.region or traced  # a region capture's graph inputs are the region's; the call's are the model's
+        record["step_input"], record["sample_input"] = call.step_input, call.sample_input
+        if call.step_input is None or call.sample_input is None:
+            raise AssertionError(f"step input {call.step_input!r}, sample input {call.sample_input!r}")
+        sampler = make_sampler(inputs, call.sample_input, call.step_input)
         stage = "Full() exact"
         with torch.no_grad():
             eager = sampler(model, 1)
