@@ -24,6 +24,7 @@ cannot be exported).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import inspect
@@ -61,7 +62,7 @@ class _Call:
     parent: str  # module path of its list
     index: int  # its position in the list
     module: torch.nn.Module
-    named: dict  # the arguments it was given, by parameter name (as bound to its forward)
+    named: dict | None  # the arguments it was given, by parameter name (None: a call not replayable by keyword)
     out: Any = None
     flops: int = 0
 
@@ -112,17 +113,20 @@ def _record(model: torch.nn.Module, forward: Callable, args: tuple, kwargs: dict
     handles = []
 
     def pre(module, a, k):
-        info = blocks[id(module)]
-        named = _bind(_signature(module), a, k) if not any(c is not None for c in active) else None
         call = None
-        if named is not None and not any(c is not None for c in active):
-            call = _Call(info[0], info[1], info[2], module, named, flops=-counter.get_total_flops())
+        if not active:  # an outermost block call (a block list inside a block is part of that block)
+            info = blocks[id(module)]
+            named = _bind(_signature(module), a, k)
+            if named is not None:
+                call = _Call(info[0], info[1], info[2], module, named, flops=-counter.get_total_flops())
+            else:  # not replayable by keyword: recorded without arguments, never part of a chain
+                call = _Call(info[0], info[1], info[2], module, None)
             calls.append(call)
         active.append(call)
 
     def post(module, a, k, out):
         call = active.pop()
-        if call is not None:
+        if call is not None and call.named is not None:
             call.out = out
             call.flops += counter.get_total_flops()
 
@@ -179,10 +183,10 @@ def _chains(calls: list[_Call]) -> tuple[list[tuple[list[_Call], list]], list[st
     chains: list[tuple[list[_Call], list]] = []
     breaks: list[str] = []
     for call in calls:
-        if chains:
+        if chains and call.named is not None:
             members, links = chains[-1]
             last = members[-1]
-            if call.parent == last.parent and call.index == last.index + 1:
+            if last.named is not None and call.parent == last.parent and call.index == last.index + 1:
                 link, why = _link(members[0], last, call)
                 if link is not None:
                     members.append(call)
@@ -464,9 +468,14 @@ def find_region(model: torch.nn.Module, forward: Callable, args: tuple, kwargs: 
         return None, ("no two consecutive blocks of one list are chained (each taking the previous one's outputs and "
                       "otherwise only the first block's tensors)" + (": " + "; ".join(list(dict.fromkeys(breaks))[:3])
                                                                        if breaks else ""))
+    # a block that also runs outside its chain (a shared block applied twice) cannot be answered by the region
+    runs = collections.Counter(c.path for c in calls)
+    once = [c for c in chains if all(runs[x.path] == 1 for x in c[0])]
+    if not once:
+        again = next(x.path for c in chains for x in c[0] if runs[x.path] > 1)
+        return None, f"the chained blocks also run outside their chain ({again} runs more than once)"
+    chains = once
     members, links = max(chains, key=lambda c: sum(x.flops for x in c[0]))
-    if any(c.path == members[0].path for c in calls if c is not members[0]):
-        return None, f"{members[0].path} runs more than once per call"
     outer_sig = inspect.signature(forward)
     inputs = _outer_inputs(outer_sig, args, kwargs)
     sample = _sample_input(inputs, out)

@@ -222,3 +222,16 @@ def test_a_pipeline_whose_transformer_forward_cannot_be_captured():
     assert stats["computed_fraction"] == pytest.approx(pipe.transformer.program.static_fraction())
     assert stats["computed_fraction"] < 0.6
     assert torch.isfinite(cached).all() and (cached - eager).norm() / eager.norm() < 0.5
+
+
+def test_a_block_that_also_runs_outside_its_chain_is_not_a_region():
+    class Twice(LengthsDiT):  # the last block applied again after the loop (a shared block)
+        def forward(self, x, t, y, residuals=None):
+            tokens, c = self.embed(x, t, y)
+            tokens = tokens * (1.0 + 0.0 * len({row.sum().item() for row in (tokens[..., 0] > 0)}))
+            for blk in self.blocks:
+                tokens = blk(tokens, c)
+            return self.final(self.blocks[-1](tokens, c)).mean()
+
+    with pytest.raises(TraceError, match=r"also run outside their chain \(blocks.2 runs more than once\)"):
+        fxcache.trace(Twice().eval(), _inputs())
