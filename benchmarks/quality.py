@@ -115,14 +115,16 @@ def fxcache_configs(model, sampler, prof, speedups, quick: bool, only: list[str]
     sweeps: list[M.Method] = []
     for n in intervals:
         sweeps += [M.FORA(interval=n), M.DeltaDiT(interval=n), M.TaylorSeer(interval=n, order=1),
-                   M.TaylorSeer(interval=n, order=2), M.HiCache(interval=n), M.ABCache(interval=n),
-                   M.ToCa(interval=n), M.DuCa(interval=n), M.DeepCache(interval=n),
+                   M.TaylorSeer(interval=n, order=2), M.HiCache(interval=n), M.FoCa(interval=n),
+                   M.ABCache(interval=n), M.FreqCa(interval=n), M.BlockDance(interval=n), M.ToCa(interval=n),
+                   M.DuCa(interval=n), M.DeepCache(interval=n),
                    M.PAB(self_range=n, cross_range=n + 2, window=(0.0, 1000.0)),
                    M.FasterCache(interval=n, cfg=False)]
     for t in thresholds:
         sweeps += [M.FBCache(threshold=t), M.DBCache(front=1, back=0, threshold=t, warmup=2),
                    M.TeaCache(threshold=t), M.EasyCache(threshold=t / 4, warmup=2),
-                   M.MagCache(threshold=t, max_skips=6, retention=0.1), M.Foresight(gamma=t, warmup=2)]
+                   M.MagCache(threshold=t, max_skips=6, retention=0.1), M.Foresight(gamma=t, warmup=2),
+                   M.DiCache(threshold=t)]
     for method in sweeps:
         if only is not None and type(method).__name__ not in only:
             continue
@@ -234,7 +236,9 @@ def _describe(error: Exception) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
-def run_config(config: Config, sampler, prompts, refs, full_flops: int) -> dict[str, Any]:
+def run_config(config: Config, sampler, prompts, refs, full_flops: int, calib=None) -> dict[str, Any]:
+    """One configuration on the held-out ``prompts`` (and, with ``calib=(prompts, refs)``, on the calibration
+    prompts: ``row["calib"]`` — what the symmetric protocol chooses on)."""
     row: dict[str, Any] = {"family": config.family, "label": config.label}
     start = time.perf_counter()
     try:
@@ -258,6 +262,13 @@ def run_config(config: Config, sampler, prompts, refs, full_flops: int) -> dict[
                 got = sampler(denoiser, prompt)
                 fraction = denoiser.stats()["computed_fraction"]
             per_prompt.append({**metrics(got, ref), "fraction": fraction})
+        if calib is not None:
+            seen = []
+            for prompt, ref in zip(*calib):
+                config.reset(denoiser)
+                got, flops = count_flops(sampler, denoiser, prompt)
+                seen.append({**metrics(got, ref), "fraction": flops / full_flops})
+            row["calib"] = {key: float(np.mean([p[key] for p in seen])) for key in ("psnr", "fraction")}
         if getattr(denoiser, "search", None) is not None:
             row["plan"] = denoiser.search.best.name
     except Exception as e:  # noqa: BLE001
@@ -276,26 +287,33 @@ def run_config(config: Config, sampler, prompts, refs, full_flops: int) -> dict[
     return row
 
 
-def select(rows: list[dict], speedups) -> dict[str, dict[str, dict | None]]:
-    """For each target and family: the best-PSNR configuration within the budget (None if none reaches it)."""
+def select(rows: list[dict], speedups, on: str = "held-out") -> dict[str, dict[str, dict | None]]:
+    """For each target and family: the configuration within the budget (None if none reaches it) with the best
+    PSNR — on the held-out prompts (``on="held-out"``: an oracle choice for the peers), or on the calibration
+    prompts (``on="calib"``: the symmetric protocol, every family chosen as fxcache's search chooses)."""
     families = list(dict.fromkeys(r["family"] for r in rows))
     table: dict[str, dict[str, dict | None]] = {}
+
+    def seen(r):
+        return r if on == "held-out" else r.get("calib")
+
     for s in speedups:
         table[f"{s:g}x"] = {}
         for fam in families:
-            ok = [r for r in rows if r["family"] == fam and "fraction" in r and r["fraction"] <= BUDGET / s
+            ok = [r for r in rows if r["family"] == fam and "fraction" in r and seen(r)
+                  and seen(r)["fraction"] <= BUDGET / s
                   and (fam != "fxcache auto" or r["label"] == f"optimize(speedup={s:g})")]
-            table[f"{s:g}x"][fam] = max(ok, key=lambda r: r["psnr"]) if ok else None
+            table[f"{s:g}x"][fam] = max(ok, key=lambda r: seen(r)["psnr"]) if ok else None
     return table
 
 
-def markdown(table, rows, args, machine: str) -> str:
+def markdown(table, rows, args, machine: str, symmetric=None) -> str:
     speedups = list(table)
     families = list(next(iter(table.values())))
     lines = [(f"Held-out PSNR (dB) vs the uncached sample, at equal computed work ({args.model} digits model, "
               f"{args.steps} steps, {args.prompts} held-out prompts; best configuration per family within "
-              f"computed fraction ≤ {BUDGET:g}/speedup; fraction in brackets). `python benchmarks/quality.py "
-              f"--model {args.model}` on {machine}."), "",
+              f"computed fraction ≤ {BUDGET:g}/speedup, peers chosen on the held-out prompts; fraction in "
+              f"brackets). `python benchmarks/quality.py --model {args.model}` on {machine}."), "",
              "| family | " + " | ".join(speedups) + " |", "|---|" + "---|" * len(speedups)]
     errors = {r["family"]: r["error"] for r in rows if "error" in r and r["family"] not in
               {x["family"] for x in rows if "error" not in x}}
@@ -313,6 +331,15 @@ def markdown(table, rows, args, machine: str) -> str:
         if r:
             lines.append(f"fxcache auto at {s}: plan \"{r.get('plan', '?')}\", SSIM {r['ssim']:.4f}, rel. L2 "
                          f"{r['rel_l2']:.4f}, min PSNR {r['psnr_min']:.2f} dB.")
+    if symmetric is not None:
+        about = (f"Symmetric protocol: every family's configuration chosen on the {len(CALIB)} calibration prompts "
+                 "(best mean PSNR there within the budget, as fxcache's search chooses), reported on the held-out "
+                 "prompts (held-out PSNR, dB; its held-out fraction in brackets).")
+        lines += ["", about, "", "| family | " + " | ".join(speedups) + " |", "|---|" + "---|" * len(speedups)]
+        for fam in families:
+            cells = [f"{r['psnr']:.2f} ({r['fraction']:.3f})" if (r := symmetric[s][fam]) else "—"
+                     for s in speedups]
+            lines.append(f"| {fam} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -391,22 +418,27 @@ def main(argv: list[str] | None = None) -> int:
     if "cache-dit" in args.peers:
         configs += cache_dit_configs(model, args.steps, args.quick)
     log.info("%d configurations", len(configs))
+    calib = (CALIB, [sampler(model, p) for p in CALIB])
     rows = []
     for config in configs:
-        rows.append(run_config(config, sampler, prompts, refs, full_flops))
+        rows.append(run_config(config, sampler, prompts, refs, full_flops, calib))
         _check_restored(model, sampler, prompts[0], refs[0], config)
     table = select(rows, args.speedups)
+    symmetric = select(rows, args.speedups, on="calib")
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
     stem = os.path.join(args.out, f"quality_{args.model}")
     result = {"command": "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "machine": machine, "model": args.model, "steps": args.steps, "prompts": prompts,
               "calibration_prompts": CALIB, "budget": BUDGET, "uncached_flops": full_flops,
               "selected": {s: {f: (r["label"] if r else None) for f, r in t.items()} for s, t in table.items()},
+              "selected_on_calibration": {s: {f: (r["label"] if r else None) for f, r in t.items()}
+                                          for s, t in symmetric.items()},
               "rows": rows, "seconds": time.time() - start}
     _write(stem + ".json", json.dumps(result, indent=1))
-    _write(stem + ".md", markdown(table, rows, args, machine))
+    _write(stem + ".md", markdown(table, rows, args, machine, symmetric))
     plot(rows, table, stem + ".png", f"{args.model} digits model, {args.steps} steps, held-out prompts")
-    log.info("\n%s\nwrote %s.{json,md,png} in %.0f s", markdown(table, rows, args, machine), stem, time.time() - start)
+    log.info("\nwrote %s.{json,md,png} in %.0f s\n%s", stem, time.time() - start,
+             markdown(table, rows, args, machine, symmetric))
     return 0
 
 

@@ -5,8 +5,8 @@ to an action; points not named are computed. Actions:
 
 * ``"compute"`` — run it (the runtime also stores it when a later step reads it);
 * ``"reuse"`` — take the stored value of the last step that computed it;
-* a predictor of :mod:`fxcache.predictors` — ``"taylor1"``, ``"taylor2"``, ``"ab2"``, ``"hermite"`` — forecast
-  it from the last computed values (needs 1 + order earlier computations of that point);
+* a predictor of :mod:`fxcache.predictors` — ``"taylor1"``, ``"taylor2"``, ``"ab2"``, ``"hermite"``,
+  ``"foca"`` — forecast it from the last computed values (needs 1 + order earlier computations of that point);
 * ``"tokens"`` — a token-wise layer (an MLP) computes a fraction of its tokens and takes the rest from the cache
   (``Plan.tokens``: ``{"fresh": fraction, "score": "random" | "staleness", "seed": int}``).
 
@@ -33,28 +33,44 @@ __all__ = ["ACTIONS", "GATE_KINDS", "LINEAR_PREFIX", "ORDER", "SECTIONS", "CfgCa
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 #: forecast order of each action (0 = the stored value itself)
-ORDER = {"reuse": 0, "taylor1": 1, "ab2": 1, "taylor2": 2, "hermite": 2}
+ORDER = {"reuse": 0, "taylor1": 1, "ab2": 1, "taylor2": 2, "hermite": 2, "foca": 2}
 #: ``"tokens"``: a token-wise layer computes only some tokens (``Plan.tokens`` says how many), the rest cached
 ACTIONS = ("compute", *ORDER, "tokens")
 #: ``"lin:<w>"``: F_last + w·(F_last − F_previous) — linear extrapolation from the last two computations with an
 #: explicit weight (FasterCache's attention reuse)
 LINEAR_PREFIX = "lin:"
+#: ``"freq:<cutoff>"``: F_last + HighPass_cutoff(second-order forecast − F_last) — the forecast's correction kept only
+#: above ``cutoff`` (a fraction of the spatial frequency band, in [0, 1]) of the tokens' grid (FreqCa)
+HIGH_PASS_PREFIX = "freq:"
+
+
+def high_pass_cutoff(action: str) -> float | None:
+    """The cutoff of a ``"freq:<cutoff>"`` action (``None``: not one, or a cutoff outside [0, 1])."""
+    if not action.startswith(HIGH_PASS_PREFIX):
+        return None
+    try:
+        cutoff = float(action[len(HIGH_PASS_PREFIX):])
+    except ValueError:
+        return None
+    return cutoff if 0.0 <= cutoff <= 1.0 else None
 
 
 def is_forecast(action: str) -> bool:
     """Is ``action`` read from the cache (reuse or a forecast)?"""
-    return action in ORDER or action.startswith(LINEAR_PREFIX)
+    return action in ORDER or action.startswith(LINEAR_PREFIX) or high_pass_cutoff(action) is not None
 
 
 def order_of(action: str) -> int:
     """How many finite-difference factors the action reads beyond the stored value."""
     if action.startswith(LINEAR_PREFIX):
         return 1
+    if action.startswith(HIGH_PASS_PREFIX):
+        return 2
     return ORDER[action]
 
 
 def _valid(action: str) -> bool:
-    if action in ACTIONS:
+    if action in ACTIONS or high_pass_cutoff(action) is not None:
         return True
     if action.startswith(LINEAR_PREFIX):
         try:
@@ -117,7 +133,7 @@ def _step_list(data: dict, key: str, steps: range, fail) -> None:
 
 
 #: dynamic gates the runtime knows (each implemented by a method module's policy)
-GATE_KINDS = ("fbcache", "dbcache", "teacache", "easycache")
+GATE_KINDS = ("fbcache", "dbcache", "teacache", "easycache", "dicache", "dicache_minus")
 
 
 @dataclasses.dataclass
@@ -466,8 +482,8 @@ def check_plan_json(data: Any, source: str = "plan") -> None:
             fail(f"step {s} is a JSON {_json_type(acts)}; each step must map cache-point keys to actions")
         for key, action in acts.items():
             if not isinstance(action, str) or not _valid(action):
-                fail(f"step {s}: {action!r} for {key!r} is not an action; actions are {', '.join(ACTIONS)} or "
-                     f"'{LINEAR_PREFIX}<weight>'")
+                fail(f"step {s}: {action!r} for {key!r} is not an action; actions are {', '.join(ACTIONS)}, "
+                     f"'{LINEAR_PREFIX}<weight>' or '{HIGH_PASS_PREFIX}<cutoff in [0, 1]>'")
     for name, types in (("method", str), ("params", dict), ("model", str), ("timesteps", list),
                         ("extra_points", list), ("weights", str), ("gate", (dict, type(None))),
                         ("cfg_cache", (dict, type(None))), ("layer_adaptive", (dict, type(None))),

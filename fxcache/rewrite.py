@@ -46,12 +46,14 @@ class Variant:
     #: token-masked layer points (ToCa / DuCa) and how many fresh tokens they compute
     tokens: tuple[str, ...] = ()
     num_tokens: tuple[tuple[int, int], ...] = ()  # (token count N, fresh tokens k) per group
+    #: read points whose forecast correction is high-passed over the tokens' grid, with the cutoff (FreqCa)
+    highpass: tuple[tuple[str, float], ...] = ()
 
     def __hash__(self) -> int:  # looked up several times per call: hashed once (the fields never change)
         h = self.__dict__.get("_hash")
         if h is None:
             h = self.__dict__["_hash"] = hash((self.writes, self.reads, self.part, self.cut, self.tokens,
-                                               self.num_tokens))
+                                               self.num_tokens, self.highpass))
         return h
 
     @functools.cached_property  # noqa: B019 — a frozen value: computed once per variant, read at every call
@@ -63,7 +65,8 @@ class Variant:
         parts = []
         if self.reads:
             orders = sorted({o for _, o in self.reads})
-            parts.append(f"cached[{len(self.reads)} pts, order {'/'.join(map(str, orders))}]")
+            parts.append(f"cached[{len(self.reads)} pts, order {'/'.join(map(str, orders))}]"
+                         + (f"+highpass[{len(self.highpass)}]" if self.highpass else ""))
         if self.tokens:
             fresh = "+".join(f"{k}/{n}" for n, k in self.num_tokens)
             parts.append(f"tokens[{len(self.tokens)} pts, {fresh} fresh]")
@@ -78,7 +81,7 @@ def specialize(graph_module: torch.fx.GraphModule, points: Mapping[str, CachePoi
     """The step graph of ``variant`` built from the traced ``graph_module`` (which is left unchanged)."""
     gm = copy_graph_module(graph_module)
     passes = [FlattenIO(), WriteCache([points[k] for k in variant.writes if k not in variant.tokens]),
-              ReadCache([(points[k], order) for k, order in variant.reads]),
+              ReadCache([(points[k], order) for k, order in variant.reads], dict(variant.highpass)),
               ComputeTokenSubset([points[k] for k in variant.tokens], variant.num_tokens)]
     if variant.part == "prefix":
         passes.append(KeepOnlyCut(variant.cut))

@@ -11,10 +11,16 @@ Stages, top to bottom:
    :data:`FLOOR_SLACK`) are dropped; faster ones stay.
 3. **predicted error** — from the profile: for every cached (point, step), the estimated final-sample change of
    reusing it, scaled by the predictor's error relative to reuse at that distance; summed.
+   **Composed** candidates are built from that model by dynamic programming (:func:`_compose`): for a number of
+   full steps, the full steps *and*, per cached (point, step), the action (reuse or a forecast) that together
+   minimise the predicted error — e.g. forecast the deep blocks, reuse the shallow ones, and compute where the
+   profile says approximation hurts most.
 4. **validation** — the best-predicted candidates (and, of every library method, its slowest setting that meets
-   the target) are *run* on the calibration prompts and compared with the uncached final samples; the lowest
-   measured error wins — among plans whose measured errors are near-equal (within :data:`NEAR_EQUAL` of the
-   best), the one closest to the target (most computed work). The report says why the plan was chosen.
+   the target) are *run* on the calibration prompts and compared with the uncached final samples. The choice is
+   robust to a few prompts: each candidate is scored by an upper confidence bound of its per-prompt errors (mean
+   of the log errors + their standard error, :func:`robust_error`), so a plan that is best on average but erratic
+   across prompts loses to one that is consistently good; among near-equal scores (within :data:`NEAR_EQUAL`) the
+   plan closest to the target (most computed work) wins. The report says why the plan was chosen.
 
 ``tolerance`` mode walks speed targets from fast to slow and returns the fastest plan whose measured error meets
 it. Errors are the relative L2 distance of the final sample to the uncached one (mean over calibration prompts).
@@ -34,7 +40,7 @@ import torch
 
 from fxcache import methods as M
 from fxcache.errors import InputError
-from fxcache.plan import Plan
+from fxcache.plan import HIGH_PASS_PREFIX, Plan
 from fxcache.profiling import Profile
 from fxcache.runtime import OptimizedDenoiser
 
@@ -49,7 +55,7 @@ TOLERANCE_SPEEDUPS = (8.0, 6.0, 5.0, 4.0, 3.0, 2.5, 2.0, 1.5, 1.25)
 FLOOR_SLACK = 0.05
 #: measured errors within this relative distance of the best are near-equal (the plan closer to the target wins)
 NEAR_EQUAL = 0.05
-_ACTIONS = ("reuse", "taylor1", "taylor2", "ab2", "hermite")
+_ACTIONS = ("reuse", "taylor1", "taylor2", "ab2", "hermite", "foca")
 
 
 @dataclasses.dataclass(eq=False)
@@ -61,6 +67,9 @@ class Candidate:
     measured: float = math.nan
     psnr: float = math.nan
     denoiser: OptimizedDenoiser | None = None
+    #: the measured error of each calibration prompt, and the robust score the choice uses (:func:`robust_error`)
+    per_prompt: tuple[float, ...] = ()
+    robust: float = math.nan
 
 
 @dataclasses.dataclass
@@ -78,11 +87,11 @@ class SearchResult:
                       f"{1 / self.target_fraction:.3g}; {FLOOR_SLACK:.0%} slack allowed)")
         lines = [f"fxcache plan search: {len(self.candidates)} candidates validated" + target
                  + (f", tolerance (rel. L2) {self.tolerance:g}" if self.tolerance is not None else ""),
-                 f"{'candidate':<44} {'fraction':>8} {'predicted':>10} {'measured':>9} {'PSNR':>7}"]
-        for c in sorted(self.candidates, key=lambda c: (math.isnan(c.measured), c.measured, c.fraction)):
+                 f"{'candidate':<44} {'fraction':>8} {'predicted':>10} {'measured':>9} {'robust':>9} {'PSNR':>7}"]
+        for c in sorted(self.candidates, key=lambda c: (math.isnan(c.robust), c.robust, c.measured, c.fraction)):
             mark = " <- chosen" if c is self.best else ""
             lines.append(f"{c.name[:44]:<44} {c.fraction:>8.3f} {c.predicted:>10.4g} {c.measured:>9.4g} "
-                         f"{c.psnr:>7.2f}{mark}")
+                         f"{c.robust:>9.4g} {c.psnr:>7.2f}{mark}")
         if self.reason:
             lines += ["", f"why: {self.reason}"]
         return "\n".join(lines)
@@ -153,6 +162,8 @@ def _predict(prof: Profile, plan: Plan) -> float:
             if key not in acts:
                 last.setdefault(key, []).append(s)
         for key, action in acts.items():
+            if action.startswith(HIGH_PASS_PREFIX):  # FreqCa: a second-order forecast (of its high band)
+                action = "taylor2"
             if key not in prof.points or action not in _ACTIONS:
                 continue
             sens = prof.sensitivity_of(key)[s]
@@ -168,6 +179,8 @@ def _predict(prof: Profile, plan: Plan) -> float:
 
 def _predictor_scale(prof: Profile, key: str, action: str, k: int, d: int, s: int) -> float:
     opts = prof.options
+    if action not in opts["predictors"]:  # a profile made before this predictor existed: no better than reuse
+        return 1.0
     k = min(k, max(opts["horizons"]))
     d = min(d, max(opts["spacings"]))
     if k not in opts["horizons"] or d not in opts["spacings"]:
@@ -190,7 +203,8 @@ class _Validator:
         with torch.no_grad():
             self.refs = [run_loop(reference, i).double() for i in range(num_prompts)]
 
-    def __call__(self, denoiser) -> tuple[float, float, float]:
+    def __call__(self, denoiser) -> tuple[list[float], float, float]:
+        """``(per-prompt errors, mean PSNR, mean computed fraction)``."""
         errs, psnrs, fracs = [], [], []
         with torch.no_grad():
             for i, ref in enumerate(self.refs):
@@ -200,7 +214,19 @@ class _Validator:
                 peak = float(ref.max() - ref.min()) or 1.0
                 psnrs.append(10 * math.log10(peak ** 2 / mse) if mse > 0 else math.inf)
                 fracs.append(denoiser.stats()["computed_fraction"])
-        return float(np.mean(errs)), float(np.mean(psnrs)), float(np.mean(fracs))
+        return errs, float(np.mean(psnrs)), float(np.mean(fracs))
+
+
+def robust_error(errors: Sequence[float]) -> float:
+    """An upper confidence bound of a plan's error from its per-prompt errors: exp(mean + standard error of the log
+    errors) — the geometric mean for one prompt, raised by the spread across prompts (errors differ by orders of
+    magnitude between prompts, so they are compared on a log scale). Non-finite when any error is."""
+    errs = np.asarray(errors, dtype=float)
+    if errs.size == 0 or not np.all(np.isfinite(errs)):
+        return math.nan
+    logs = np.log(np.maximum(errs, 1e-30))
+    spread = float(np.std(logs, ddof=1) / math.sqrt(errs.size)) if errs.size > 1 else 0.0
+    return float(math.exp(float(np.mean(logs)) + spread))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -273,6 +299,11 @@ def search(prof: Profile, run_loop: Callable[[Any, int], torch.Tensor], num_prom
                         c = build(name, _scheduled(ctx, gran, action, full))
                         if c is not None and c.fraction <= ceiling:
                             found.append(c)
+                composed = _compose(prof, ctx, keys, kk, warmup=min(2, kk))
+                if composed is not None:
+                    c = build(f"{gran} composed, {kk}/{t} full (dp)", composed)
+                    if c is not None and c.fraction <= ceiling:
+                        found.append(c)
         return list(dict.fromkeys(found))  # one plan reached under several names is one candidate
 
     def fastest() -> Candidate | None:
@@ -293,7 +324,8 @@ def search(prof: Profile, run_loop: Callable[[Any, int], torch.Tensor], num_prom
         bar.grow(len(todo))
         for c in todo:
             bar.step(c.name)
-            c.measured, c.psnr, _ = validator(c.denoiser)
+            errs, c.psnr, _ = validator(c.denoiser)
+            c.per_prompt, c.measured, c.robust = tuple(errs), float(np.mean(errs)), robust_error(errs)
 
     try:
         return _run(speedup, tolerance, prof, for_target, fastest, validate, build)
@@ -379,14 +411,110 @@ def _family(name: str) -> str:
 
 
 def _choose(measured: list[Candidate], target: float) -> tuple[Candidate, str]:
-    """The lowest measured error; among near-equal errors the plan closest to the target (most computed work)."""
-    lowest = min(measured, key=lambda c: (c.measured, -c.fraction))
-    near = [c for c in measured if c.measured <= lowest.measured * (1.0 + NEAR_EQUAL) + 1e-12]
-    best = max(near, key=lambda c: (c.fraction, -c.measured))
+    """The lowest robust score (:func:`robust_error`); among near-equal scores the plan closest to the target (most
+    computed work)."""
+    for c in measured:
+        if math.isnan(c.robust):
+            c.robust = robust_error(c.per_prompt or (c.measured,))
+    lowest = min(measured, key=lambda c: (c.robust, c.measured, -c.fraction))
+    near = [c for c in measured if c.robust <= lowest.robust * (1.0 + NEAR_EQUAL) + 1e-12]
+    best = max(near, key=lambda c: (c.fraction, -c.robust))
     head = (f"among {len(measured)} validated plans with computed fraction <= {target:.3f} (+{FLOOR_SLACK:.0%}), "
             f"{best.name} (fraction {best.fraction:.3f}, speedup {1 / best.fraction:.2f})")
+    mean_best = min(measured, key=lambda c: (c.measured, -c.fraction))
+    spread = ("" if mean_best is best else
+              f"; {mean_best.name} has a lower mean error ({mean_best.measured:.4g}) but a wider spread across the "
+              f"calibration prompts (robust {mean_best.robust:.4g} vs {best.robust:.4g})")
     if best is lowest:
-        return best, head + f" has the lowest measured error ({best.measured:.4g} rel. L2)"
-    return best, (head + f" is within {NEAR_EQUAL:.0%} of the lowest measured error ({lowest.measured:.4g}, "
-                  f"{lowest.name} at fraction {lowest.fraction:.3f}) and closer to the target")
+        return best, head + (f" has the lowest robust error ({best.robust:.4g}: mean + spread of the per-prompt log "
+                             f"errors; mean {best.measured:.4g} rel. L2)") + spread
+    return best, (head + f" is within {NEAR_EQUAL:.0%} of the lowest robust error ({lowest.robust:.4g}, "
+                  f"{lowest.name} at fraction {lowest.fraction:.3f}) and closer to the target") + spread
+
+
+def _compose(prof: Profile, ctx: M.PlanContext, keys: Sequence[str], num_full: int, warmup: int) -> Plan | None:
+    """The plan with ``num_full`` full steps over the points ``keys`` that minimises the predicted error of
+    :func:`_predict`: the full steps (the first ``warmup`` forced) and, per cached (point, step), the action among
+    reuse and the forecasts whose history exists. Dynamic programming over the full steps, the state being the last
+    two (the forecast's horizon k and spacing d); a cached step's cost is Σ over points of its least
+    sensitivity × predictor-error ratio × k. ``None`` when the profile has no sensitivity to optimise."""
+    t = prof.num_steps
+    if num_full < 1 or num_full > t:
+        return None
+    sens = np.stack([prof.sensitivity_of(k) for k in keys]) if keys else np.zeros((0, t))
+    sens = np.where(np.isfinite(sens), sens, 0.0)
+    if not sens.any():
+        return None
+    from fxcache.predictors import history_needed
+
+    horizons, spacings = prof.options["horizons"], prof.options["spacings"]
+    kmax, dmax = max(horizons), max(spacings)
+    # scale[p, a, k-1, d-1]: the predictor's error relative to reuse (the table _predict reads)
+    scale = np.ones((len(keys), len(_ACTIONS), kmax, dmax))
+    for i, key in enumerate(keys):
+        for a, action in enumerate(_ACTIONS):
+            for k in range(1, kmax + 1):
+                for d in range(1, dmax + 1):
+                    scale[i, a, k - 1, d - 1] = _predictor_scale(prof, key, action, k, d, 0)
+    need = np.array([history_needed(a) for a in _ACTIONS])
+    memo: dict = {}
+
+    def cached_cost(s: int, k: int, d: int, n: int) -> tuple[float, np.ndarray]:
+        key = (s, k, d, min(n, 3))
+        hit = memo.get(key)
+        if hit is None:
+            allowed = need <= n
+            costs = sens[:, s, None] * scale[:, allowed, min(k, kmax) - 1, min(d, dmax) - 1] * max(1, k)
+            best = np.flatnonzero(allowed)[np.argmin(costs, axis=1)]
+            hit = memo[key] = (float(costs.min(axis=1).sum()), best)
+        return hit
+
+    forced = list(range(min(warmup, num_full)))
+    # dp[(j, a, b)] = (cost, back): j full steps so far, the last two at a (-1: none) and b
+    first = forced[-1] if forced else 0
+    start = (len(forced) or 1, forced[-2] if len(forced) > 1 else -1, first)
+    dp = {start: (0.0, None)}
+    frontier = [start]
+    ends = []
+    while frontier:
+        nxt = []
+        for state in frontier:
+            j, a, b = state
+            base = dp[state][0]
+            d = b - a if a >= 0 else 1
+            run = 0.0
+            for c in range(b + 1, t + 1):  # next full step c (t: none — the rest cached)
+                if c == t or j < num_full:
+                    if c == t:
+                        if j == num_full:
+                            ends.append((base + run, state))
+                    else:
+                        new = (j + 1, b, c)
+                        if new not in dp or base + run < dp[new][0]:
+                            if new not in dp:
+                                nxt.append(new)
+                            dp[new] = (base + run, state)
+                if c < t:
+                    run += cached_cost(c, c - b, d, j)[0]
+        frontier = nxt
+    if not ends:
+        return None
+    _, state = min(ends, key=lambda e: e[0])
+    full = []
+    while state is not None:
+        full.append(state[2])
+        state = dp[state][1]
+    full = sorted(set(full) | set(forced))
+    steps: list[dict[str, str]] = []
+    for s in range(t):
+        if s in full:
+            steps.append({})
+            continue
+        done = [f for f in full if f < s]
+        k, d = s - done[-1], (done[-1] - done[-2]) if len(done) > 1 else 1
+        acts = cached_cost(s, k, d, len(done))[1]
+        steps.append({key: _ACTIONS[a] for key, a in zip(keys, acts)})
+    return Plan(fingerprint=prof.fingerprint, num_steps=t, steps=steps, method="fxcache-auto",
+                params={"composed": True, "full": full}, timesteps=list(prof.timesteps),
+                calls_per_step=ctx.calls_per_step())
 

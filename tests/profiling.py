@@ -98,7 +98,7 @@ def brute_metrics(series, horizons, spacings, sigma=0.5):
     the formulas written out independently of fxcache.predictors."""
     t_steps = len(series)
     basic = np.full((t_steps, 4), np.nan)
-    preds = ("reuse", "taylor1", "taylor2", "ab2", "hermite")
+    preds = ("reuse", "taylor1", "taylor2", "ab2", "hermite", "foca")
     pred = np.full((len(preds), len(spacings), len(horizons), t_steps), np.nan)
 
     def s_abs(xs):
@@ -111,6 +111,11 @@ def brute_metrics(series, horizons, spacings, sigma=0.5):
             return f0 + k * (f0 - f1) / d
         if name == "ab2":
             return f0 + k / (2 * d) * (f0 - f1)
+        if name == "foca":  # BDF2 predictor (variable step w = k/d), Heun corrector, 3-point derivatives
+            w, dd0 = k / d, (3 * f0 - 4 * f1 + f2) / (2 * d)
+            p = ((1 + w) ** 2 * f0 - w * w * f1 + (1 + w) * k * dd0) / (1 + 2 * w)
+            dp = (p - f0) / k + k * ((p - f0) / k - (f0 - f1) / d) / (k + d)
+            return f0 + k / 2 * (dd0 + dp)
         d1 = (f0 - f1) / d
         d2 = ((f0 - f1) / d - (f1 - f2) / d) / d
         if name == "taylor2":
@@ -130,7 +135,7 @@ def brute_metrics(series, horizons, spacings, sigma=0.5):
                                      .ravel() for v, p in zip(vs, ps)])
             basic[s, 3] = ratios.mean()
         for pi, name in enumerate(preds):
-            need = {"reuse": 1, "taylor1": 2, "ab2": 2, "taylor2": 3, "hermite": 3}[name]
+            need = {"reuse": 1, "taylor1": 2, "ab2": 2, "taylor2": 3, "hermite": 3, "foca": 3}[name]
             for di, d in enumerate(spacings):
                 for ki, k in enumerate(horizons):
                     anchors = [s - k - j * d for j in range(3)]

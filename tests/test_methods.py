@@ -196,6 +196,46 @@ def test_delta_dit_matches_its_eager_formula():
     assert opt.stats()["computed_fraction"] == pytest.approx(want_fraction, rel=1e-9)
 
 
+def test_blockdance_matches_its_eager_formula():
+    from fxcache.methods import BlockDance
+
+    model = dit()
+    smp = sampler("euler", steps=STEPS, cfg="none")
+    opt = fxcache.optimize(model, [3], sampler=smp, method=BlockDance(interval=3, start=0.4, blocks=2),
+                           progress=False)
+    got = seeded_run(opt, smp, 3)
+    state = {"call": -1, "res": {}}
+    first = round(0.4 * STEPS)
+
+    def pre(mod, args):
+        state["call"] += 1
+
+    def block_hook(i):
+        def hook(mod, args, kwargs, out):
+            s = state["call"]
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            if i < 2 and s >= first and (s - first) % 3 != 0:  # the front 2 blocks, late, 2 of every 3 steps
+                return x + state["res"][i]
+            state["res"][i] = out - x
+            return out
+        return hook
+
+    handles = [model.register_forward_pre_hook(pre)] + [
+        b.register_forward_hook(block_hook(i), with_kwargs=True) for i, b in enumerate(model.transformer_blocks)]
+    try:
+        want = seeded_run(model, smp, 3)
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    assert not torch.allclose(got, seeded_run(model, smp, 3), atol=1e-4)
+    cached = sum(1 for s in range(STEPS) if s >= first and (s - first) % 3 != 0)
+    saved = sum(_saved_matmul_flops(opt, p) for p in opt.profile.cache_points
+                if p.key in ("block:transformer_blocks.0", "block:transformer_blocks.1"))
+    assert opt.stats()["computed_fraction"] == pytest.approx(1 - cached * saved / (STEPS * opt._full_flops),
+                                                             rel=1e-9)
+
+
 # -- state -----------------------------------------------------------------------------------------------------
 
 
@@ -443,6 +483,53 @@ def test_hicache_matches_its_eager_formula():
 
     mods = {f"{i}.{n}": getattr(b, n) for i, b in enumerate(model.transformer_blocks) for n in ("attn1", "ff")}
     _compare(opt, model, smp, ModuleReference(model, mods, coefs, order=2, calls_per_step=2))
+
+
+def test_foca_matches_its_eager_formula():
+    """FoCa written on the computed values themselves (not the store's factors): at a cached step k steps after the
+    last computation, the survey's predictor-corrector over the last three computed values read at the last spacing
+    h (an older spacing is stretched to h along its own slope, as TaylorSeer's factors do)."""
+    from fxcache.methods import FoCa
+    from fxcache.predictors import foca
+
+    model, smp = dit(), sampler("euler", steps=STEPS, cfg="separate")
+    opt = fxcache.optimize(model, [3], sampler=smp, method=FoCa(interval=3, warmup=2), progress=False)
+    full = {0, 1, 4, 7}  # warm-up 2, then every 3rd step
+    state, calls = {}, [-1]
+
+    def count(mod, args):
+        calls[0] += 1
+
+    def hook(name):
+        def fn(mod, args, out):
+            s, b = calls[0] // 2, calls[0] % 2
+            hist = state.setdefault((name, b), [])  # (step, value), newest first
+            if s in full:
+                hist.insert(0, (s, out))
+                return out
+            k = s - hist[0][0]
+            if len(hist) == 1:
+                return hist[0][1]
+            h = hist[0][0] - hist[1][0]
+            f0, f1 = hist[0][1], hist[1][1]
+            if len(hist) == 2:
+                return f0 + (f0 - f1) / h * k
+            f2 = f1 - (f1 - hist[2][1]) * h / (hist[1][0] - hist[2][0])
+            return foca(f0, f1, f2, float(h), float(k))
+        return fn
+
+    handles = [model.register_forward_pre_hook(count)] + [
+        getattr(b, n).register_forward_hook(hook(f"{i}.{n}"))
+        for i, b in enumerate(model.transformer_blocks) for n in ("attn1", "ff")]
+
+    class Ref:
+        @staticmethod
+        def remove():
+            for h in handles:
+                h.remove()
+
+    _compare(opt, model, smp, Ref)
+    assert opt.stats()["full_steps"] == len(full) and "foca" in {a for s in opt.plan.steps for a in s.values()}
 
 
 def test_ab_cache_matches_its_eager_formula():
@@ -986,7 +1073,8 @@ def test_foresight_matches_its_eager_formula():
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 
-@pytest.mark.parametrize("method_name", ["FORA", "DeltaDiT", "PAB", "TaylorSeer", "HiCache", "ABCache", "MagCache"])
+@pytest.mark.parametrize("method_name", ["FORA", "DeltaDiT", "PAB", "TaylorSeer", "HiCache", "FoCa", "ABCache",
+                                         "MagCache"])
 def test_computed_fraction_matches_the_schedule(method_name):
     """Static methods: per step, the FLOPs that run are the full call's minus what the step's reads make dead —
     computed here from the graph by a liveness walk (fxcache.analysis.points.saved_flops), independently of the

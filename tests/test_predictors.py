@@ -62,7 +62,7 @@ def test_hermite_uses_scaled_physicists_polynomials():
 
 
 def test_history_requirements_and_errors():
-    assert [history_needed(p) for p in PREDICTORS] == [1, 2, 3, 2, 3]
+    assert [history_needed(p) for p in PREDICTORS] == [1, 2, 3, 2, 3, 3]
     with pytest.raises(ValueError, match="needs 3 known values"):
         predict("taylor2", [torch.tensor(1.0)] * 2, 1, 1)
     with pytest.raises(ValueError, match="unknown predictor"):

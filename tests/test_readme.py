@@ -23,6 +23,18 @@ def test_readme_has_python_blocks():
     assert len(python_blocks(README.read_text())) >= 4
 
 
+def test_the_method_table_lists_every_method_with_what_it_caches_its_rule_and_source():
+    from fxcache.methods import LIBRARY
+
+    text = README.read_text()
+    table = text[text.index("| method | what it caches | rule | source |"):].split("\n\n")[0].splitlines()[2:]
+    names = [re.match(r"\| `(\w+)\(", row).group(1) for row in table]
+    assert sorted(names) == sorted(cls.__name__ for cls in LIBRARY)
+    for row in table:
+        cells = [c.strip() for c in row.strip().strip("|").split(" | ")]
+        assert len(cells) == 4 and all(cells), row
+
+
 @pytest.mark.slow
 def test_every_readme_snippet_runs_as_written(tmp_path):
     blocks = python_blocks(README.read_text())

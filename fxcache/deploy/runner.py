@@ -80,6 +80,9 @@ class ExportedCall:
     """The traced call an exported plan was specialised on: binds calls (:class:`~fxcache.trace.CallSignature`
     from the manifest) and names what differs from the exported call."""
 
+    #: an exported plan is always of a whole-model capture (a region capture is refused at export)
+    region = None
+
     def __init__(self, manifest: dict, device: torch.device):
         self.signature = CallSignature.from_json(manifest["signature"], device)
         self.call_key = tuple((p[0], tuple(p[1]), _torch_dtype(p[2]), device.type) if len(p) == 4 else tuple(p)
@@ -87,6 +90,9 @@ class ExportedCall:
         self.step_input = manifest["step_input"]
         self.fingerprint = manifest["fingerprint"]
         self.blocks: list[str] = []
+
+    def call_graph(self, args: tuple, kwargs: dict):
+        return self(*args, **kwargs)
 
     def __call__(self, *args, **kwargs):
         key = CallSignature.key(*self.signature.bind(args, kwargs, "call arguments")[:2])

@@ -18,7 +18,7 @@ import torch.fx
 from fxcache.analysis.cut import prefix_cut
 from fxcache.ir.names import IO_META
 from fxcache.ir.points import CachePoint
-from fxcache.plan import Plan, is_forecast, order_of
+from fxcache.plan import Plan, high_pass_cutoff, is_forecast, order_of
 from fxcache.rewrite import Variant, executed_flops, live_flops, specialize
 
 __all__ = ["StepProgram"]
@@ -67,7 +67,9 @@ class StepProgram(torch.nn.Module):
         token_points = tuple(sorted(k for k, a in acts.items() if a == "tokens"))
         writes = tuple(sorted(set(plan.writes_at(step)) | set(token_points)))
         reads = tuple(sorted((k, order_of(a)) for k, a in acts.items() if is_forecast(a)))
-        return Variant(writes=writes, reads=reads, tokens=token_points, num_tokens=self._num_tokens(token_points))
+        highpass = tuple(sorted((k, high_pass_cutoff(a)) for k, a in acts.items() if high_pass_cutoff(a) is not None))
+        return Variant(writes=writes, reads=reads, tokens=token_points, num_tokens=self._num_tokens(token_points),
+                       highpass=highpass)
 
     def prefix_cut(self, anchors) -> tuple[str, ...]:
         """The tensors a gate's prefix hands its suffix when the prefix computes ``anchors``
@@ -81,8 +83,8 @@ class StepProgram(torch.nn.Module):
     def widest(variant: Variant, candidates) -> Variant:
         """Among ``candidates`` computing what ``variant`` computes (same reads, tokens, part and cut) and writing
         at least its writes, the one writing the most (``variant`` itself when none writes more)."""
-        same = [c for c in candidates if (c.reads, c.tokens, c.num_tokens, c.part, c.cut)
-                == (variant.reads, variant.tokens, variant.num_tokens, variant.part, variant.cut)
+        same = [c for c in candidates if (c.reads, c.highpass, c.tokens, c.num_tokens, c.part, c.cut)
+                == (variant.reads, variant.highpass, variant.tokens, variant.num_tokens, variant.part, variant.cut)
                 and set(variant.writes) <= set(c.writes)]
         return max(same, key=lambda c: (len(c.writes), c.writes), default=variant)
 

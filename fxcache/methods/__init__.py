@@ -9,35 +9,42 @@ enumerates their search spaces.
 """
 
 from fxcache.methods.base import Method, PlanContext, RuntimePolicy, policies_for  # noqa: F401 — importable here
+from fxcache.methods.dicache import DiCache
 from fxcache.methods.easycache import EasyCache
 from fxcache.methods.fastercache import FasterCache
 from fxcache.methods.first_block import DBCache, FBCache
-from fxcache.methods.forecast import ABCache, HiCache, TaylorSeer
+from fxcache.methods.forecast import ABCache, FoCa, HiCache, TaylorSeer
 from fxcache.methods.foresight import Foresight
+from fxcache.methods.freqca import FreqCa
 from fxcache.methods.magcache import MagCache
-from fxcache.methods.reuse import FORA, PAB, DeepCache, DeltaDiT
+from fxcache.methods.reuse import FORA, PAB, BlockDance, DeepCache, DeltaDiT
 from fxcache.methods.schedules import Full, Scheduled
 from fxcache.methods.teacache import TeaCache
 from fxcache.methods.tokens import DuCa, ToCa
 
 #: every method class; the plan search tries ``cls.search_space(interval)`` of each, in this order
 LIBRARY: tuple[type[Method], ...] = (
-    FORA, TaylorSeer, HiCache, ABCache, DeltaDiT, DeepCache, ToCa, DuCa,  # the search's interval sweep
-    Full, Scheduled, PAB, MagCache, FBCache, DBCache, TeaCache, EasyCache, FasterCache, Foresight,
+    # the search's interval sweep
+    FORA, TaylorSeer, HiCache, FoCa, ABCache, FreqCa, DeltaDiT, BlockDance, DeepCache, ToCa, DuCa,
+    Full, Scheduled, PAB, MagCache, FBCache, DBCache, TeaCache, EasyCache, FasterCache, Foresight, DiCache,
 )
 
 __all__ = [
     "FORA",
     "PAB",
     "ABCache",
+    "BlockDance",
     "DBCache",
     "DeepCache",
     "DeltaDiT",
+    "DiCache",
     "DuCa",
     "EasyCache",
     "FBCache",
     "FasterCache",
+    "FoCa",
     "Foresight",
+    "FreqCa",
     "Full",
     "HiCache",
     "MagCache",

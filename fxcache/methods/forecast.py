@@ -1,6 +1,6 @@
 """Static forecasting methods: between computations a value is forecast from its computed history —
 :class:`TaylorSeer` (Taylor expansion over step-index differences), :class:`HiCache` (scaled Hermite basis),
-:class:`ABCache` (Adams–Bashforth-2 of the stack residual)."""
+:class:`FoCa` (BDF2 predictor + Heun corrector), :class:`ABCache` (Adams–Bashforth-2 of the stack residual)."""
 
 from __future__ import annotations
 
@@ -32,16 +32,16 @@ class TaylorSeer(Method):
 
     def schedule(self, ctx):
         check_interval(self.interval)
+        layers = layer_points(ctx, type(self).__name__)
+        full = full_steps_mask(ctx.num_steps, self.interval, self.warmup)
+        return forecast_schedule(full, [p.key for p in layers], self.action)
+
+    def action(self, computed: int) -> str:
+        """The action of a cached step after ``computed`` computations (the order their history allows)."""
         if self.order not in (0, 1, 2):
             raise InputError(f"TaylorSeer order must be 0, 1 or 2 in fxcache, got {self.order!r}")
-        layers = layer_points(ctx, "TaylorSeer")
-
-        def action(computed: int) -> str:
-            order = min(self.order, computed - 1)
-            return "reuse" if order == 0 else f"taylor{order}"
-
-        full = full_steps_mask(ctx.num_steps, self.interval, self.warmup)
-        return forecast_schedule(full, [p.key for p in layers], action)
+        order = min(self.order, computed - 1)
+        return "reuse" if order == 0 else f"taylor{order}"
 
 
 @dataclasses.dataclass(repr=False)
@@ -60,11 +60,32 @@ class HiCache(TaylorSeer):
     def search_space(cls, interval: int) -> list[Method]:
         return [cls(interval=interval)]
 
-    def schedule(self, ctx):
-        check_interval(self.interval)
-        layers = layer_points(ctx, "HiCache")
-        full = full_steps_mask(ctx.num_steps, self.interval, self.warmup)
-        return forecast_schedule(full, [p.key for p in layers], lambda c: "hermite" if c >= 3 else "reuse")
+    def action(self, computed: int) -> str:
+        return "hermite" if computed >= 3 else "reuse"
+
+
+@dataclasses.dataclass(repr=False)
+class FoCa(TaylorSeer):
+    """FoCa — Forecast then Calibrate (arXiv 2508.16211): TaylorSeer's placement (every sub-layer) and schedule
+    (computed every ``interval`` steps after ``warmup`` full steps); in between each value is integrated as a
+    feature ODE with a BDF2 predictor and a Heun (trapezoid) corrector, its derivatives estimated from 3-point
+    backward differences of the computed values, h = the step-index distance between computations
+    (:func:`fxcache.predictors.foca` gives the equations). The paper's code is not public: this follows the
+    survey's equations (its eq. 48 and the Heun step after it), not the authors' implementation. Cached steps
+    before three computations exist use the Taylor order their history allows (reuse, then order 1)."""
+
+    interval: int = 4
+    order: int = 2
+    warmup: int = 3
+    _rules: ClassVar[dict[str, Rule]] = {"interval": ("int", 1, None), "order": ("int", 2, 2),
+                                          "warmup": ("int", 1, None)}
+
+    @classmethod
+    def search_space(cls, interval: int) -> list[Method]:
+        return [cls(interval=interval)]
+
+    def action(self, computed: int) -> str:
+        return "foca" if computed >= 3 else "taylor1" if computed == 2 else "reuse"
 
 
 @dataclasses.dataclass(repr=False)

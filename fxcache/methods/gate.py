@@ -12,6 +12,8 @@ A gate kind is a subclass implementing :meth:`GatePolicy.decide` and :meth:`Gate
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -76,15 +78,18 @@ class GatePolicy(RuntimePolicy):
         ready = self.plan.gated(call.step) and all(k in call.cache for k in self.spec.skip)
         skip_mask = self.decide(state, signal, ready)  # host bool array, one per sample
         skip_acts = dict(self.spec.skip)
+        reading = self.skip_reads(call, state, signal, skip_mask)
         call.count(prefix, cached=False, part=True)
         if skip_mask.all():
-            flat = call.run(skip, skip_acts, tail=cut, only=skip_writes)
+            with reading:
+                flat = call.run(skip, skip_acts, tail=cut, only=skip_writes)
             call.count(skip, cached=True)
         elif not skip_mask.any():
             flat = call.run(compute, {}, tail=cut, only=compute_writes)
             call.count(compute, cached=False)
         else:
-            read = call.run(skip, skip_acts, tail=cut, store=False)
+            with reading:
+                read = call.run(skip, skip_acts, tail=cut, store=False)
             full = call.run(compute, {}, tail=cut, keep=skip_mask, only=compute_writes)
             flat = tuple(where_batch(skip_mask, r, f) for r, f in zip(read, full))
             call.count(compute, cached=False)
@@ -96,6 +101,11 @@ class GatePolicy(RuntimePolicy):
         """Per sample: skip? (``ready``: this step may skip — it is a gated step and every skipped point is
         cached). One host read at most."""
         raise NotImplementedError
+
+    def skip_reads(self, call, state: dict, signal: list[torch.Tensor], skip: np.ndarray):
+        """A context manager entered while the skip graph runs (made before any graph of the step runs): a gate
+        that reads something other than the stored values sets it up there. Default: nothing."""
+        return contextlib.nullcontext()
 
     def update(self, state: dict, signal: list[torch.Tensor], skip: np.ndarray, output=None) -> None:
         """After the step ran (``output``: the model output)."""

@@ -22,7 +22,7 @@ class Full(Method):
 
 
 _GRANULARITY = ("layer", "block", "stack")
-_SCHEDULED_ACTIONS = ("reuse", "taylor1", "taylor2", "ab2", "hermite")
+_SCHEDULED_ACTIONS = ("reuse", "taylor1", "taylor2", "ab2", "hermite", "foca")
 
 
 @dataclasses.dataclass(repr=False)
@@ -30,9 +30,9 @@ class Scheduled(Method):
     """A fixed schedule: ``full`` steps computed entirely — a number (placed uniformly, first and last step
     included) or the step indices — and every other step reads each ``granularity`` point (``"stack"``: a whole
     stack of repeated blocks, ``"block"`` or ``"layer"``) with ``action`` (``"reuse"``, ``"taylor1"``, ``"taylor2"``,
-    ``"ab2"``, ``"hermite"``; the order is lowered while too few computations exist). ``"6/28 full steps"``, as
-    cache-dit's ``steps_computation_mask`` sets it, is ``Scheduled(full=6)``. The plan search builds its scheduled
-    candidates with it."""
+    ``"ab2"``, ``"hermite"``, ``"foca"``; the order is lowered while too few computations exist). ``"6/28 full
+    steps"``, as cache-dit's ``steps_computation_mask`` sets it, is ``Scheduled(full=6)``. The plan search builds its
+    scheduled candidates with it."""
 
     full: int | tuple[int, ...] = 6
     action: str = "reuse"
