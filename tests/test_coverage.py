@@ -14,7 +14,7 @@ from fxcache.testing import coverage
 
 TABLE = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "coverage.json"
 #: the committed table's pass count may only rise (raise this with the table)
-PASS_FLOOR = 76
+PASS_FLOOR = 79
 #: classes re-checked here
 SAMPLE = 8
 
