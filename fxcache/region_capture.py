@@ -5,7 +5,8 @@ One eager call records every call of a *repeated block* — a child of a ``Modul
 share one class and have parameters (the model's own block lists; only the outermost such calls). Consecutive blocks
 of one list form a **chain** when each takes the previous block's outputs (the same tensor objects) and otherwise only
 tensors the first block took (the same objects) or equal constants — what a ``for block in self.blocks: h =
-block(h, ...)`` loop does. The chain with the most FLOPs is the **region**: a module whose ``forward`` runs the
+block(h, ...)`` loop does; a chain goes on into the first block of the next list when that block takes the last one's
+outputs the same way (two stacks in a row, as FLUX's). The chain with the most FLOPs is the **region**: a module whose ``forward`` runs the
 chain, taking the first block's arguments and the model call's step value, captured by ``torch.export`` like a whole
 model (:mod:`fxcache.trace`). Everything fxcache does to a graph (structure, cache points, profiling, plans,
 compile, search) then works on the region's graph.
@@ -61,15 +62,17 @@ class _Call:
     path: str  # module path of the block
     parent: str  # module path of its list
     index: int  # its position in the list
+    count: int  # the list's length
     module: torch.nn.Module
     named: dict | None  # the arguments it was given, by parameter name (None: a call not replayable by keyword)
     out: Any = None
     flops: int = 0
 
 
-def _repeated_blocks(model: torch.nn.Module) -> dict[int, tuple[str, str, int]]:
-    """id(block) -> (path, list path, index) for every child of a list of same-class blocks with parameters."""
-    found: dict[int, tuple[str, str, int]] = {}
+def _repeated_blocks(model: torch.nn.Module) -> dict[int, tuple[str, str, int, int]]:
+    """id(block) -> (path, list path, index, list length) for every child of a list of same-class blocks with
+    parameters."""
+    found: dict[int, tuple[str, str, int, int]] = {}
     for path, module in model.named_modules():
         if not isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)) or len(module) < 2:
             continue
@@ -77,7 +80,7 @@ def _repeated_blocks(model: torch.nn.Module) -> dict[int, tuple[str, str, int]]:
         if len({type(m) for m in children}) != 1 or not all(any(True for _ in m.parameters()) for m in children):
             continue
         for i, m in enumerate(children):
-            found.setdefault(id(m), (f"{path}.{i}" if path else str(i), path, i))
+            found.setdefault(id(m), (f"{path}.{i}" if path else str(i), path, i, len(children)))
     return found
 
 
@@ -118,9 +121,9 @@ def _record(model: torch.nn.Module, forward: Callable, args: tuple, kwargs: dict
             info = blocks[id(module)]
             named = _bind(_signature(module), a, k)
             if named is not None:
-                call = _Call(info[0], info[1], info[2], module, named, flops=-counter.get_total_flops())
+                call = _Call(*info, module, named, flops=-counter.get_total_flops())
             else:  # not replayable by keyword: recorded without arguments, never part of a chain
-                call = _Call(info[0], info[1], info[2], module, None)
+                call = _Call(*info, module, None)
             calls.append(call)
         active.append(call)
 
@@ -179,14 +182,17 @@ def _link(first: _Call, prev: _Call, call: _Call) -> tuple[tuple | None, str]:
 
 def _chains(calls: list[_Call]) -> tuple[list[tuple[list[_Call], list]], list[str]]:
     """Maximal chains of consecutive calls (see the module docstring): ``(calls, links)`` each, and why consecutive
-    blocks of a list did not chain."""
+    blocks did not chain. A chain goes on from a list's last block into the first block of another list that takes
+    its outputs (FLUX's double- then single-stream blocks: one region of two stacks)."""
     chains: list[tuple[list[_Call], list]] = []
     breaks: list[str] = []
     for call in calls:
         if chains and call.named is not None:
             members, links = chains[-1]
             last = members[-1]
-            if last.named is not None and call.parent == last.parent and call.index == last.index + 1:
+            if last.named is not None and (call.parent == last.parent and call.index == last.index + 1
+                                           or call.parent != last.parent and call.index == 0
+                                           and last.index == last.count - 1):
                 link, why = _link(members[0], last, call)
                 if link is not None:
                     members.append(call)
@@ -207,8 +213,8 @@ class _RegionModule(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, region: Region):
         super().__init__()
-        top = region.blocks[0].split(".")[0]
-        self._modules[top] = model._modules[top]
+        for top in dict.fromkeys(path.split(".")[0] for path in region.blocks):
+            self._modules[top] = model._modules[top]
         object.__setattr__(self, "_region", region)
 
     def _run(self, **named):
@@ -297,8 +303,15 @@ class Region:
         return ("cache points outside the region (layer points of the code around it"
                 + (f", the block lists {others}" if others else "") + "), compiling that code, exported step engines")
 
+    @property
+    def span(self) -> str:
+        """``layers.0..25``, or ``transformer_blocks.0..single_transformer_blocks.37`` across lists."""
+        first, last = self.blocks[0], self.blocks[-1]
+        same = first.rsplit(".", 1)[0] == last.rsplit(".", 1)[0]
+        return f"{first}..{last.rsplit('.', 1)[-1] if same else last}"
+
     def describe(self) -> str:
-        span = f"{self.blocks[0]}..{self.blocks[-1].rsplit('.', 1)[-1]}"
+        span = self.span
         return (f"region capture ({span}: {len(self.blocks)} blocks, {100 * self.share:.0f} % of the FLOPs; the "
                 "forward around it runs as Python)")
 

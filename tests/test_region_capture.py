@@ -235,3 +235,38 @@ def test_a_block_that_also_runs_outside_its_chain_is_not_a_region():
 
     with pytest.raises(TraceError, match=r"also run outside their chain \(blocks.2 runs more than once\)"):
         fxcache.trace(Twice().eval(), _inputs())
+
+
+@torch.no_grad()
+def test_a_chain_goes_on_into_the_next_block_list():
+    """Two stacks in a row (as FLUX's double- then single-stream blocks): one region of both, two stacks found."""
+
+    class TwoStacks(LengthsDiT):
+        def __init__(self):
+            super().__init__()
+            self.late = torch.nn.ModuleList([type(self.blocks[0])(self.dim, 2) for _ in range(2)])
+
+        def forward(self, x, t, y, residuals=None):
+            b, _, h, w = x.shape
+            tokens, c = self.embed(x, t, y)
+            tokens = tokens * (1.0 + 0.0 * len({row.sum().item() for row in (tokens[..., 0] > 0)}))
+            for blk in self.blocks:
+                tokens = blk(tokens, c)
+            for blk in self.late:
+                tokens = blk(tokens, c)
+            out = self.final(self.final_norm(tokens))
+            out = out.reshape(b, h // 2, w // 2, 2, 2, 8).permute(0, 5, 1, 3, 2, 4)
+            return out.reshape(b, 8, h, w)
+
+    torch.manual_seed(0)
+    model = TwoStacks().eval()
+    x, t, y = _inputs()
+    td = fxcache.trace(model, (x, t, y))
+    assert td.region.blocks == ["blocks.0", "blocks.1", "blocks.2", "late.0", "late.1"]
+    assert td.capture_strategy.startswith("region capture (blocks.0..late.1: 5 blocks")
+    assert [[b.path for b in s.blocks] for s in td.stacks] == [["blocks.0", "blocks.1", "blocks.2"],
+                                                                ["late.0", "late.1"]]
+    assert max_abs_diff(td(x, t, y), model(x, t, y)) <= 1e-5
+    opt = fxcache.optimize(model, [1], sampler=SAMPLER, method=M.Scheduled(full=2, action="reuse"), progress=False)
+    assert torch.isfinite(SAMPLER(opt, 1)).all()
+    assert opt.stats()["computed_fraction"] == pytest.approx(2 / STEPS)  # both stacks reused at cached steps
