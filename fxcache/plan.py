@@ -8,7 +8,10 @@ to an action; points not named are computed. Actions:
 * a predictor of :mod:`fxcache.predictors` — ``"taylor1"``, ``"taylor2"``, ``"ab2"``, ``"hermite"``,
   ``"foca"`` — forecast it from the last computed values (needs 1 + order earlier computations of that point);
 * ``"tokens"`` — a token-wise layer (an MLP) computes a fraction of its tokens and takes the rest from the cache
-  (``Plan.tokens``: ``{"fresh": fraction, "score": "random" | "staleness", "seed": int}``).
+  (``Plan.tokens``: ``{"fresh": fraction, "score": "random" | "staleness" | "cluster", "seed": int, ...}``);
+* ``"tokens:<predictor>"`` (a predictor of ``ORDER``) — the fresh tokens are scattered into the stored value (the
+  order-0 factor, kept for later steps) and every token is forecast by ``<predictor>`` from the updated factors
+  (ClusCa).
 
 The same schedule applies to every CFG branch; each branch keeps its own cache.
 """
@@ -26,8 +29,8 @@ from fxcache.files import write_atomic
 from fxcache.ir.points import CachePoint
 
 __all__ = ["ACTIONS", "GATE_KINDS", "LINEAR_PREFIX", "ORDER", "SECTIONS", "CfgCacheSection", "GateSection",
-           "LayerAdaptiveSection", "Plan", "PlanError", "Section", "TokenSection", "check_plan_json", "is_forecast",
-           "order_of"]
+           "LayerAdaptiveSection", "Plan", "PlanError", "Section", "SpeculativeSection", "TokenSection",
+           "check_plan_json", "is_forecast", "is_token_action", "order_of", "token_forecast"]
 
 #: version 2: each section carries its own "version"; version-1 files (sections without one) are read too
 FORMAT_VERSION = 2
@@ -36,6 +39,8 @@ READABLE_VERSIONS = (1, 2)
 ORDER = {"reuse": 0, "taylor1": 1, "ab2": 1, "taylor2": 2, "hermite": 2, "foca": 2}
 #: ``"tokens"``: a token-wise layer computes only some tokens (``Plan.tokens`` says how many), the rest cached
 ACTIONS = ("compute", *ORDER, "tokens")
+#: ``"tokens:<predictor>"``: fresh tokens scattered into the order-0 factor, every token forecast (ClusCa)
+TOKENS_PREFIX = "tokens:"
 #: ``"lin:<w>"``: F_last + w·(F_last − F_previous) — linear extrapolation from the last two computations with an
 #: explicit weight (FasterCache's attention reuse)
 LINEAR_PREFIX = "lin:"
@@ -55,6 +60,17 @@ def high_pass_cutoff(action: str) -> float | None:
     return cutoff if 0.0 <= cutoff <= 1.0 else None
 
 
+def token_forecast(action: str) -> str | None:
+    """The predictor of a ``"tokens:<predictor>"`` action (``None``: not one)."""
+    inner = action[len(TOKENS_PREFIX):] if action.startswith(TOKENS_PREFIX) else None
+    return inner if inner in ORDER else None
+
+
+def is_token_action(action: str) -> bool:
+    """Does ``action`` compute some tokens of a layer (``"tokens"`` or ``"tokens:<predictor>"``)?"""
+    return action == "tokens" or token_forecast(action) is not None
+
+
 def is_forecast(action: str) -> bool:
     """Is ``action`` read from the cache (reuse or a forecast)?"""
     return action in ORDER or action.startswith(LINEAR_PREFIX) or high_pass_cutoff(action) is not None
@@ -70,7 +86,7 @@ def order_of(action: str) -> int:
 
 
 def _valid(action: str) -> bool:
-    if action in ACTIONS or high_pass_cutoff(action) is not None:
+    if action in ACTIONS or high_pass_cutoff(action) is not None or token_forecast(action) is not None:
         return True
     if action.startswith(LINEAR_PREFIX):
         try:
@@ -219,26 +235,82 @@ class LayerAdaptiveSection(Section):
 @dataclasses.dataclass
 class TokenSection(Section):
     """Token selection for ``"tokens"`` actions: the ``fresh`` fraction of tokens recomputed, chosen by ``score``
-    (``"random"`` or ``"staleness"``, ToCa's cache frequency) with ``seed``."""
+    (``"random"`` or ``"staleness"``, ToCa's cache frequency) with ``seed``. ``"cluster"`` (ClusCa): after every full
+    step the tokens of the ``source`` point are k-means clustered into ``clusters`` groups (``iterations`` steps,
+    warm-started) and each token step computes ``per_cluster`` random tokens of each (``clusters · per_cluster``
+    fresh tokens; ``fresh`` is then only informative); ``propagation`` γ: a ``"tokens:<predictor>"`` layer's stored
+    value moves to its cluster's fresh mean, C ← γ·mean + (1 − γ)·C."""
 
     NAME: ClassVar[str] = "tokens"
     fresh: float
     score: str = "random"
     seed: int = 0
+    clusters: int = 0
+    per_cluster: int = 1
+    iterations: int = 0
+    propagation: float = 0.0
+    source: str = ""
 
     @classmethod
     def _check(cls, data, steps, fail):
         fresh = data.get("fresh")
         if not _is_number(fresh) or not 0 < fresh <= 1:
             fail("fresh must be a number in (0, 1]")
-        if data.get("score", "random") not in ("random", "staleness"):
-            fail("score must be 'random' or 'staleness'")
+        if data.get("score", "random") not in ("random", "staleness", "cluster"):
+            fail("score must be 'random', 'staleness' or 'cluster'")
         if not isinstance(data.get("seed", 0), int):
             fail("seed must be an integer")
+        if data.get("score") == "cluster":
+            for k in ("clusters", "per_cluster", "iterations"):
+                if not isinstance(data.get(k), int) or isinstance(data.get(k), bool) or data[k] < 1:
+                    fail(f"{k} must be an integer >= 1 for score 'cluster'")
+            if not _is_number(data.get("propagation", 0.0)) or not 0 <= data.get("propagation", 0.0) <= 1:
+                fail("propagation must be a number in [0, 1]")
+            if not isinstance(data.get("source"), str) or not data["source"]:
+                fail("source (the point whose tokens are clustered) must be a point key for score 'cluster'")
+
+
+@dataclasses.dataclass
+class SpeculativeSection(Section):
+    """SpeCa's draft-and-verify steps (decided at run time): ``warmup`` full steps; afterwards each step drafts —
+    every sub-layer of ``points`` forecast by a Taylor expansion of order ``order`` (lower while fewer computations
+    exist) — unless a full step is due. From the ``min_drafts``-th consecutive draft on, a draft is verified: the
+    ``verify`` points (the last block's sub-layers) are computed and compared with their forecast; a relative error
+    above max(``floor``, ``threshold`` · ``decay`` ** progress) makes the next step full, as do ``max_drafts``
+    consecutive drafts."""
+
+    NAME: ClassVar[str] = "speculative"
+    points: list[str]
+    verify: list[str]
+    order: int
+    warmup: int
+    min_drafts: int
+    max_drafts: int
+    threshold: float
+    decay: float
+    floor: float
+
+    @classmethod
+    def _check(cls, data, steps, fail):
+        for k in ("points", "verify"):
+            if not isinstance(data.get(k), list) or not data[k] or not all(isinstance(p, str) for p in data[k]):
+                fail(f"{k} must be a non-empty list of point keys")
+        if not set(data["verify"]) <= set(data["points"]):
+            fail("verify must list points among points (the verified block's drafted sub-layers)")
+        for k, low in (("order", 0), ("warmup", 1), ("min_drafts", 1), ("max_drafts", 1)):
+            if not isinstance(data.get(k), int) or isinstance(data.get(k), bool) or data[k] < low:
+                fail(f"{k} must be an integer >= {low}")
+        if data["order"] > 2:
+            fail("order must be 0, 1 or 2 (the forecast orders fxcache implements)")
+        if data["min_drafts"] > data["max_drafts"]:
+            fail("min_drafts must be <= max_drafts")
+        for k in ("threshold", "decay", "floor"):
+            if not _is_number(data.get(k)) or data[k] < 0 or (k != "floor" and data[k] == 0):
+                fail(f"{k} must be a number {'>= 0' if k == 'floor' else '> 0'}")
 
 
 SECTIONS: dict[str, type[Section]] = {c.NAME: c for c in (GateSection, CfgCacheSection, LayerAdaptiveSection,
-                                                          TokenSection)}
+                                                          TokenSection, SpeculativeSection)}
 
 
 @dataclasses.dataclass
@@ -261,6 +333,8 @@ class Plan:
     layer_adaptive: LayerAdaptiveSection | None = None
     #: token selection for ``"tokens"`` actions
     tokens: TokenSection | None = None
+    #: SpeCa's draft-and-verify steps; the runtime decides per step which steps compute
+    speculative: SpeculativeSection | None = None
     #: points a method defined beyond the profile's (a block range, the whole model), as CachePoint fields
     extra_points: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     #: digest of the weights the plan was calibrated on (:func:`fxcache.identity.weights_digest`; "" = unknown)
@@ -280,13 +354,18 @@ class Plan:
 
     def read_points(self) -> set[str]:
         static = {k for s in range(self.num_steps) for k in self.actions(s)}
+        if self.speculative:
+            static |= set(self.speculative.points)
         return static | set(self.gate.skip) if self.gate else static
 
     def max_order(self, key: str) -> int:
         acts = [a for s in self.steps for k, a in s.items() if k == key and is_forecast(a)]
         acts += ["reuse" for s in self.steps for k, a in s.items() if k == key and a == "tokens"]
+        acts += [token_forecast(a) for s in self.steps for k, a in s.items() if k == key and token_forecast(a)]
         if self.gate:
             acts += [a for k, a in self.gate.skip.items() if k == key]
+        if self.speculative and key in self.speculative.points:
+            acts.append(f"taylor{self.speculative.order}" if self.speculative.order else "reuse")
         return max((order_of(a) for a in acts), default=0)
 
     def gated(self, step: int) -> bool:
@@ -298,6 +377,9 @@ class Plan:
         if self.gate and any(s > step for s in self.gate.steps):
             later |= set(self.gate.skip)
         acts = self.actions(step)
+        if self.tokens is not None and self.tokens.source and not acts and any(
+                is_token_action(a) for s in range(step + 1, self.num_steps) for a in self.steps[s].values()):
+            later.add(self.tokens.source)  # a full step before token steps: the selector clusters its tokens
         if self._by_key is not None:  # a point inside one read at this step is not computed, so not written
             later = {k for k in later if not self._inside_read(k, acts, self._by_key)}
         return sorted(k for k in later if k not in acts)
@@ -320,6 +402,10 @@ class Plan:
                 raise PlanError(f"gate skip actions must be 'reuse', got {bad[0]!r}")
         if len(self.steps) != self.num_steps:
             raise PlanError(f"plan lists {len(self.steps)} steps but num_steps is {self.num_steps}")
+        if self.speculative:
+            missing = [k for k in self.speculative.points if k not in by_key]
+            if missing:
+                raise PlanError(f"speculative names unknown point {missing[0]!r}")
         if self.layer_adaptive:
             missing = [k for k in self.layer_adaptive.blocks if k not in by_key]
             if missing:
@@ -338,8 +424,10 @@ class Plan:
                 if not _valid(action):
                     raise PlanError(f"step {s}: unknown action {action!r} for {key!r}; actions are "
                                     f"{', '.join(ACTIONS)}")
-                need = 1 if action == "tokens" else order_of(action) + 1 if is_forecast(action) else 0
-                if action == "tokens" and not self.tokens:
+                inner = token_forecast(action)
+                need = 1 if action == "tokens" else order_of(inner) + 1 if inner else \
+                    order_of(action) + 1 if is_forecast(action) else 0
+                if is_token_action(action) and not self.tokens:
                     raise PlanError(f"step {s}: 'tokens' action on {key!r} but the plan has no token settings")
                 if action != "compute" and computed[key] < need:
                     raise PlanError(
@@ -424,7 +512,7 @@ class Plan:
         return cls.from_json(data, source=path)
 
     def __repr__(self) -> str:
-        extra = "".join(f", {name}" for name in ("gate", "cfg_cache", "layer_adaptive", "tokens")
+        extra = "".join(f", {name}" for name in ("gate", "cfg_cache", "layer_adaptive", "tokens", "speculative")
                         if getattr(self, name))
         model = f", model={self.model}" if self.model else ""
         return f"Plan({self.summary()}{model}, graph={self.fingerprint}{extra})"

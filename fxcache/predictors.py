@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fxcache.plan import HIGH_PASS_PREFIX, LINEAR_PREFIX, ORDER, PlanError, high_pass_cutoff
+from fxcache.plan import HIGH_PASS_PREFIX, LINEAR_PREFIX, ORDER, PlanError, high_pass_cutoff, token_forecast
 
 __all__ = ["HERMITE_SIGMA", "PREDICTORS", "foca", "forecast_coefficients", "hermite_scaled", "high_pass",
            "history_needed", "predict"]
@@ -137,7 +137,8 @@ def predict(name: str, history: Sequence[torch.Tensor], spacing: float, horizon:
 def forecast_coefficients(action: str, k: float, d: float = 1.0) -> list[float]:
     """``[c1, .., cm]`` such that the forecast is ``D0 + c1·D1 + … + cm·Dm`` with TaylorSeer's factors (Dʲ divided
     by the step distances between computations) for a target ``k`` steps after the last computation; ``d`` is the
-    distance between the last two computations."""
+    distance between the last two computations. A ``"tokens:<predictor>"`` action forecasts with ``<predictor>``."""
+    action = token_forecast(action) or action
     if action == "reuse":
         return []
     if action.startswith(LINEAR_PREFIX):

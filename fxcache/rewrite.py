@@ -48,12 +48,15 @@ class Variant:
     num_tokens: tuple[tuple[int, int], ...] = ()  # (token count N, fresh tokens k) per group
     #: read points whose forecast correction is high-passed over the tokens' grid, with the cutoff (FreqCa)
     highpass: tuple[tuple[str, float], ...] = ()
+    #: ``(clusters, γ)``: token points that are also read (``"tokens:<predictor>"``) move their order-0 factor to
+    #: their cluster's fresh mean by γ (ClusCa's propagation); ``()``: none
+    propagation: tuple = ()
 
     def __hash__(self) -> int:  # looked up several times per call: hashed once (the fields never change)
         h = self.__dict__.get("_hash")
         if h is None:
             h = self.__dict__["_hash"] = hash((self.writes, self.reads, self.part, self.cut, self.tokens,
-                                               self.num_tokens, self.highpass))
+                                               self.num_tokens, self.highpass, self.propagation))
         return h
 
     @functools.cached_property  # noqa: B019 — a frozen value: computed once per variant, read at every call
@@ -81,8 +84,10 @@ def specialize(graph_module: torch.fx.GraphModule, points: Mapping[str, CachePoi
     """The step graph of ``variant`` built from the traced ``graph_module`` (which is left unchanged)."""
     gm = copy_graph_module(graph_module)
     passes = [FlattenIO(), WriteCache([points[k] for k in variant.writes if k not in variant.tokens]),
-              ReadCache([(points[k], order) for k, order in variant.reads], dict(variant.highpass)),
-              ComputeTokenSubset([points[k] for k in variant.tokens], variant.num_tokens)]
+              ReadCache([(points[k], order) for k, order in variant.reads if k not in variant.tokens],
+                        dict(variant.highpass)),
+              ComputeTokenSubset([points[k] for k in variant.tokens], variant.num_tokens,
+                                 {k: order for k, order in variant.reads if k in variant.tokens}, variant.propagation)]
     if variant.part == "prefix":
         passes.append(KeepOnlyCut(variant.cut))
     elif variant.part == "suffix":

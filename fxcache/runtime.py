@@ -51,6 +51,8 @@ class _Recipe:
     writes: list
     #: per ``only`` (the points a call stores), the output positions it need not copy out of CUDA-graph buffers
     transient: dict = dataclasses.field(default_factory=dict)
+    #: per token point that is also read (``"tokens:<predictor>"``), the output positions of its updated value
+    updates: list = dataclasses.field(default_factory=list)
 
     def transient_outputs(self, store: bool, only) -> frozenset:
         """Output positions that do not outlive the call: the writes a storing call does not store (``only``)."""
@@ -509,6 +511,8 @@ class OptimizedDenoiser(torch.nn.Module):
             for point, indices in recipe.writes:
                 if only is None or point in only:
                     self._store.store(call.branch, point, [flat[i] for i in indices], step, keep)
+            for point, indices in recipe.updates:
+                self._store.update(call.branch, point, [flat[i] for i in indices])
         return flat
 
     def _recipe(self, variant: Variant) -> _Recipe:
@@ -529,14 +533,17 @@ class OptimizedDenoiser(torch.nn.Module):
             else:
                 inputs.append(("policy", name, None, None))
         orders = dict(variant.reads)
-        orders.update({k: 0 for k in variant.tokens})
+        for k in variant.tokens:
+            orders.setdefault(k, 0)
         position = {name: i for i, name in enumerate(io["outputs"])}
         writes = []
         for point in variant.writes:
             p = self.program.points[point]
             if p.kind != "signal":
                 writes.append((point, [position[write_output(point, i)] for i in range(len(p.nodes))]))
-        recipe = self._recipes[variant] = _Recipe(inputs, orders, writes)
+        updates = [(k, [position[write_output(k, i)] for i in range(len(self.program.points[k].nodes))])
+                   for k in variant.tokens if k in dict(variant.reads)]
+        recipe = self._recipes[variant] = _Recipe(inputs, orders, writes, updates=updates)
         return recipe
 
     def _coefficients(self, action: str, entry, step: int, device) -> list[torch.Tensor]:

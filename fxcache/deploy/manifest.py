@@ -35,14 +35,15 @@ WEIGHTS = "weights.bin"
 def variant_to_json(v: Variant) -> dict[str, Any]:
     return {"writes": list(v.writes), "reads": [list(r) for r in v.reads], "part": v.part, "cut": list(v.cut),
             "tokens": list(v.tokens), "num_tokens": [list(n) for n in v.num_tokens],
-            "highpass": [list(h) for h in v.highpass]}
+            "highpass": [list(h) for h in v.highpass], "propagation": list(v.propagation)}
 
 
 def variant_from_json(d: dict[str, Any]) -> Variant:
     return Variant(writes=tuple(d["writes"]), reads=tuple((k, int(o)) for k, o in d["reads"]), part=d["part"],
                    cut=tuple(d["cut"]), tokens=tuple(d["tokens"]),
                    num_tokens=tuple((int(n), int(k)) for n, k in d["num_tokens"]),
-                   highpass=tuple((k, float(c)) for k, c in d.get("highpass", [])))
+                   highpass=tuple((k, float(c)) for k, c in d.get("highpass", [])),
+                   propagation=tuple(d.get("propagation", [])))
 
 
 def sha256_file(path: str, chunk: int = 1 << 24) -> str:

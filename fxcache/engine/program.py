@@ -18,7 +18,7 @@ import torch.fx
 from fxcache.analysis.cut import prefix_cut
 from fxcache.ir.names import IO_META
 from fxcache.ir.points import CachePoint
-from fxcache.plan import Plan, high_pass_cutoff, is_forecast, order_of
+from fxcache.plan import Plan, high_pass_cutoff, is_forecast, is_token_action, order_of, token_forecast
 from fxcache.rewrite import Variant, executed_flops, live_flops, specialize
 
 __all__ = ["StepProgram"]
@@ -64,12 +64,17 @@ class StepProgram(torch.nn.Module):
         are token-masked, and what it writes for later steps."""
         plan = self.plan
         acts = plan.actions(step)
-        token_points = tuple(sorted(k for k, a in acts.items() if a == "tokens"))
-        writes = tuple(sorted(set(plan.writes_at(step)) | set(token_points)))
-        reads = tuple(sorted((k, order_of(a)) for k, a in acts.items() if is_forecast(a)))
+        token_points = tuple(sorted(k for k, a in acts.items() if is_token_action(a)))
+        # "tokens" writes its merged value back; "tokens:<predictor>" reads the factors (its order-0 factor updated)
+        writes = tuple(sorted(set(plan.writes_at(step)) | {k for k in token_points if acts[k] == "tokens"}))
+        token_reads = [(k, order_of(token_forecast(acts[k]))) for k in token_points if token_forecast(acts[k])]
+        reads = tuple(sorted([(k, order_of(a)) for k, a in acts.items() if is_forecast(a)] + token_reads))
         highpass = tuple(sorted((k, high_pass_cutoff(a)) for k, a in acts.items() if high_pass_cutoff(a) is not None))
+        tokens = plan.tokens
+        propagation = (tokens.clusters, float(tokens.propagation)) if token_reads and tokens.score == "cluster" \
+            and tokens.propagation else ()
         return Variant(writes=writes, reads=reads, tokens=token_points, num_tokens=self._num_tokens(token_points),
-                       highpass=highpass)
+                       highpass=highpass, propagation=propagation)
 
     def prefix_cut(self, anchors) -> tuple[str, ...]:
         """The tensors a gate's prefix hands its suffix when the prefix computes ``anchors``
@@ -83,8 +88,9 @@ class StepProgram(torch.nn.Module):
     def widest(variant: Variant, candidates) -> Variant:
         """Among ``candidates`` computing what ``variant`` computes (same reads, tokens, part and cut) and writing
         at least its writes, the one writing the most (``variant`` itself when none writes more)."""
-        same = [c for c in candidates if (c.reads, c.highpass, c.tokens, c.num_tokens, c.part, c.cut)
-                == (variant.reads, variant.highpass, variant.tokens, variant.num_tokens, variant.part, variant.cut)
+        same = [c for c in candidates if (c.reads, c.highpass, c.tokens, c.num_tokens, c.part, c.cut, c.propagation)
+                == (variant.reads, variant.highpass, variant.tokens, variant.num_tokens, variant.part, variant.cut,
+                    variant.propagation)
                 and set(variant.writes) <= set(c.writes)]
         return max(same, key=lambda c: (len(c.writes), c.writes), default=variant)
 
@@ -92,7 +98,10 @@ class StepProgram(torch.nn.Module):
         if not token_points:
             return ()
         counts = sorted({self.points[k].shapes[0][1] for k in token_points})
-        fresh = float(self.plan.tokens.fresh)
+        tokens = self.plan.tokens
+        if tokens.score == "cluster":  # ClusCa: per_cluster tokens of each cluster
+            return tuple((n, min(n, tokens.clusters * tokens.per_cluster)) for n in counts)
+        fresh = float(tokens.fresh)
         return tuple((n, max(1, min(n, math.ceil(fresh * n)))) for n in counts)
 
     def _specialize(self, variant: Variant) -> torch.fx.GraphModule:

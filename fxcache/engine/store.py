@@ -66,6 +66,13 @@ class CacheStore:
         entry.factors = new
         entry.steps = (entry.steps + [step])[-(max_order + 2):]
 
+    def update(self, branch: int, key: str, values: list[torch.Tensor]) -> None:
+        """Replace the stored value (the order-0 factor) of ``key`` by ``values`` — its finite differences and
+        computing steps unchanged (a ``"tokens:<predictor>"`` step scattered its fresh tokens into it)."""
+        entry = self.branch(branch)[key]
+        for factors, v in zip(entry.factors, values):
+            factors[0] = v
+
     def nbytes(self) -> int:
         """Bytes of the tensors held now (all branches; storages counted once)."""
         seen, total = set(), 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 
 __all__ = ["IO_META", "PASSES_META", "VARIANT_META", "cache_input", "coef_input", "cut_input", "cut_output",
-           "parse_input", "token_index_input",
+           "parse_input", "token_cluster_input", "token_index_input",
            "write_output"]
 
 #: ``gm.meta[IO_META]``: ``{"inputs": [names], "outputs": [names], "num_model_outputs": int, "out_spec": ...,
@@ -41,6 +41,11 @@ def token_index_input(num_tokens: int) -> str:
     return f"tokens:index:{num_tokens}"
 
 
+def token_cluster_input(num_tokens: int) -> str:
+    """The cluster id (int64) of each of ``num_tokens`` tokens (ClusCa's propagation)."""
+    return f"tokens:clusters:{num_tokens}"
+
+
 def cut_input(node: str) -> str:
     """A suffix graph's input carrying the prefix graph's value of node ``node``."""
     return f"cut:{node}"
@@ -62,13 +67,15 @@ _COEF = re.compile(r"^coef:(?P<point>.+)\.c(?P<j>\d+)$")
 
 def parse_input(name: str) -> tuple:
     """What a step graph's extra input is: ``("cache", point, tensor, factor)``, ``("coef", point, j)``,
-    ``("tokens", num_tokens)`` or ``("cut", node)``."""
+    ``("tokens", num_tokens)``, ``("clusters", num_tokens)`` or ``("cut", node)``."""
     if m := _CACHE.match(name):
         return "cache", m["point"], int(m["tensor"]), int(m["factor"])
     if m := _COEF.match(name):
         return "coef", m["point"], int(m["j"])
     if name.startswith("tokens:index:"):
         return "tokens", int(name[len("tokens:index:"):])
+    if name.startswith("tokens:clusters:"):
+        return "clusters", int(name[len("tokens:clusters:"):])
     if name.startswith("cut:"):
         return "cut", name[len("cut:"):]
     raise ValueError(f"not a step-graph input name: {name!r}")

@@ -9,6 +9,7 @@ enumerates their search spaces.
 """
 
 from fxcache.methods.base import Method, PlanContext, RuntimePolicy, policies_for  # noqa: F401 — importable here
+from fxcache.methods.clusca import ClusCa
 from fxcache.methods.dicache import DiCache
 from fxcache.methods.easycache import EasyCache
 from fxcache.methods.fastercache import FasterCache
@@ -19,14 +20,16 @@ from fxcache.methods.freqca import FreqCa
 from fxcache.methods.magcache import MagCache
 from fxcache.methods.reuse import FORA, PAB, BlockDance, DeepCache, DeltaDiT
 from fxcache.methods.schedules import Full, Scheduled
+from fxcache.methods.speca import SpeCa
 from fxcache.methods.teacache import TeaCache
 from fxcache.methods.tokens import DuCa, ToCa
 
 #: every method class; the plan search tries ``cls.search_space(interval)`` of each, in this order
 LIBRARY: tuple[type[Method], ...] = (
     # the search's interval sweep
-    FORA, TaylorSeer, HiCache, FoCa, ABCache, FreqCa, DeltaDiT, BlockDance, DeepCache, ToCa, DuCa,
+    FORA, TaylorSeer, HiCache, FoCa, ABCache, FreqCa, DeltaDiT, BlockDance, DeepCache, ToCa, DuCa, ClusCa,
     Full, Scheduled, PAB, MagCache, FBCache, DBCache, TeaCache, EasyCache, FasterCache, Foresight, DiCache,
+    SpeCa,
 )
 
 __all__ = [
@@ -34,6 +37,7 @@ __all__ = [
     "PAB",
     "ABCache",
     "BlockDance",
+    "ClusCa",
     "DBCache",
     "DeepCache",
     "DeltaDiT",
@@ -51,6 +55,7 @@ __all__ = [
     "Method",
     "PlanContext",
     "Scheduled",
+    "SpeCa",
     "TaylorSeer",
     "TeaCache",
     "ToCa",

@@ -48,7 +48,8 @@ class FreqCa(Method):
     **The token grid** is found from the traced graph (:func:`fxcache.analysis.token_grid.token_grid`): a 4-D
     ``(B, C, H, W)`` residual (a U-Net) is its own grid; a ``(B, N, C)`` one whose tokens come from a patch
     embedding (conv → ``flatten(2)`` → ``transpose(1, 2)``, e.g. diffusers' ``PatchEmbed``) with ``H·W = N`` is
-    viewed as ``(B, H, W, C)`` (a video's 3-D patch embedding: ``(B, F, H, W, C)``, a 3-D FFT). Where the tracer cannot name an ``H×W`` grid — latents packed before the model
+    viewed as ``(B, H, W, C)`` (a video's 3-D patch embedding: ``(B, F, H, W, C)``, a 3-D FFT). Where the tracer
+    cannot name an ``H×W`` grid — latents packed before the model
     (FLUX), text tokens concatenated with the image's (``N ≠ H·W``) — the transform falls back to a 1-D FFT over the
     token axis (logged at plan time). Residuals of another rank are refused (:class:`~fxcache.errors.InputError`).
 

@@ -133,4 +133,12 @@ class TokenPolicy(RuntimePolicy):
         return index.to(device)
 
 
-register_policy("tokens", TokenPolicy)
+#: token policies of ``TokenSection.score`` values beyond ``random`` / ``staleness`` (ClusCa registers ``cluster``)
+SELECTORS: dict[str, type[TokenPolicy]] = {}
+
+
+def _token_policy(plan) -> TokenPolicy:
+    return SELECTORS.get(plan.tokens.score, TokenPolicy)(plan)
+
+
+register_policy("tokens", _token_policy)

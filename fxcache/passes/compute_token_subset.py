@@ -6,18 +6,26 @@ the layer runs on (B, k, …), and its output is scattered into the cached value
 fresh)``. Layers with another token count (a dual-stream model's text tokens) use ``tokens:index:<N>``. That merged
 tensor replaces the layer's output and is written back as the point's new cache value
 (output ``write:<point>[0]``). Attention mixes tokens and is never token-masked here.
+
+A point given a forecast order ``m`` in ``orders`` (ClusCa's ``"tokens:<predictor>"``) is forecast instead: the fresh
+tokens are scattered into its stored value — the order-0 factor ``cache:<point>[0].d0`` — and the layer's value
+becomes the forecast ``D0' + c1·d1 + … + cm·dm`` of every token from the updated factors (inputs ``.d1`` .. ``.dm``
+and ``coef:<point>.c1`` .. ``.cm``, as :class:`~fxcache.passes.ReadCache` reads them); ``write:<point>[0]`` is
+``D0'``. With ``propagation = (K, γ)`` the fresh tokens are ordered cluster by cluster (``k / K`` each) and
+``D0' ← γ·mean_c + (1 − γ)·D0'``, ``mean_c`` the mean of the fresh tokens of each token's cluster — the cluster ids
+are the graph input ``tokens:clusters:<N>`` (int64, one per token).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.fx
 
 from fxcache.errors import IRError
 from fxcache.ir.meta import NodeInfo, info, key_of, op_name, set_info, within
-from fxcache.ir.names import IO_META, cache_input, token_index_input, write_output
+from fxcache.ir.names import IO_META, cache_input, coef_input, token_cluster_input, token_index_input, write_output
 from fxcache.ir.points import CachePoint
 from fxcache.passes.base import FxPass, PassResult
 from fxcache.passes.flatten_io import add_graph_input
@@ -71,16 +79,20 @@ def token_wise_violation(gm: torch.fx.GraphModule, point: CachePoint) -> str | N
 
 
 class ComputeTokenSubset(FxPass):
-    """Token-mask each point of ``points`` with ``num_tokens`` fresh tokens (see the module docstring)."""
+    """Token-mask each point of ``points`` with ``num_tokens`` fresh tokens; ``orders``: points forecast from their
+    updated factors at that order; ``propagation``: ``(clusters, γ)`` (see the module docstring)."""
 
     name = "compute_token_subset"
     requires_passes = ("annotate_nodes", "flatten_io")
     once = True
 
-    def __init__(self, points: Sequence[CachePoint], num_tokens: Sequence[tuple[int, int]]):
+    def __init__(self, points: Sequence[CachePoint], num_tokens: Sequence[tuple[int, int]],
+                 orders: Mapping[str, int] | None = None, propagation: Sequence = ()):
         super().__init__()
         self.points = list(points)
         self.k = dict(num_tokens)  # token count N -> fresh tokens k
+        self.orders = dict(orders or {})
+        self.propagation = tuple(propagation)
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         if not self.points:
@@ -118,7 +130,8 @@ class ComputeTokenSubset(FxPass):
                 with graph.inserting_before(region[0]):
                     sel = graph.call_function(_aten.index_select.default, (a, 1, index))
                 sel.meta["val"] = _with_tokens(a.meta["val"], k)
-                set_info(sel, NodeInfo(key=f"tokens:{p.key}/select:{key_of(a)}", module_path=info(region[0]).module_path))
+                set_info(sel, NodeInfo(key=f"tokens:{p.key}/select:{key_of(a)}",
+                                       module_path=info(region[0]).module_path))
                 a.replace_all_uses_with(sel, delete_user_cb=lambda u, inside=inside: u in inside)
             for n in region:  # shapes inside the layer now have k tokens
                 v = n.meta.get("val")
@@ -130,11 +143,59 @@ class ComputeTokenSubset(FxPass):
                 merged = graph.call_function(_aten.index_copy.default, (cached, 1, index, value))
             merged.meta["val"] = cached.meta["val"]
             set_info(merged, NodeInfo(key=f"tokens:{p.key}/merge", module_path=info(value).module_path))
-            value.replace_all_uses_with(merged, delete_user_cb=lambda u, merged=merged: u is not merged)
+            result, own = merged, {merged}  # own: the nodes made here that read the fresh value itself
+            if p.key in self.orders:
+                merged, result, made = self._forecast(graph_module, p, value, merged, k, new_input)
+                own.update(made)
+            value.replace_all_uses_with(result, delete_user_cb=lambda u, own=own: u not in own)
             outputs.append(merged)
             io["outputs"].append(write_output(p.key, 0))
         output.args = (tuple(outputs),)
         return PassResult(graph_module, True)
+
+
+    def _forecast(self, graph_module, p: CachePoint, fresh, merged, k: int, new_input):
+        """``(D0', forecast, nodes made)`` of a point read at ``self.orders[p.key]``: the propagation (if any)
+        applied to the merged order-0 factor, then ``D0' + Σ cj·dj``."""
+        graph = graph_module.graph
+        order, val = self.orders[p.key], merged.meta["val"]
+        last, made = merged, []
+
+        def emit(op, args, name, out=val):
+            nonlocal last
+            with graph.inserting_after(last):
+                n = graph.call_function(op, args)
+            n.meta["val"] = out
+            set_info(n, NodeInfo(key=f"tokens:{p.key}/{name}", module_path=info(fresh).module_path))
+            last = n
+            made.append(n)
+            return n
+
+        if self.propagation and self.propagation[1]:
+            clusters, gamma = int(self.propagation[0]), float(self.propagation[1])
+            if k % clusters:
+                raise IRError(f"cannot propagate {p.key!r}: {k} fresh tokens are not {clusters} equal clusters")
+            n_tokens = p.shapes[0][1]
+            name = token_cluster_input(n_tokens)
+            ids = next((n for n in graph.nodes if n.op == "placeholder" and key_of(n) == name), None)
+            if ids is None:
+                ids = new_input(name, torch.empty(n_tokens, dtype=torch.long, device="meta"))
+            b, c = val.shape[0], val.shape[2]
+            grouped = emit(_aten.reshape.default, (fresh, [b, clusters, k // clusters, c]), "group",
+                           val.new_empty((b, clusters, k // clusters, c)))
+            mean = emit(_aten.mean.dim, (grouped, [2]), "cluster_mean", val.new_empty((b, clusters, c)))
+            spread = emit(_aten.index_select.default, (mean, 1, ids), "spread")
+            moved = emit(_aten.mul.Tensor, (spread, gamma), "propagate")
+            kept = emit(_aten.mul.Tensor, (merged, 1.0 - gamma), "keep")
+            merged = emit(_aten.add.Tensor, (moved, kept), "propagated")
+        coefs = [new_input(coef_input(p.key, j), torch.empty((), dtype=torch.float32, device="meta"))
+                 for j in range(1, order + 1)]
+        result = merged
+        for j in range(1, order + 1):
+            factor = new_input(cache_input(p.key, 0, j), val)
+            term = emit(_aten.mul.Tensor, (factor, coefs[j - 1]), f"term{j}")
+            result = emit(_aten.add.Tensor, (result, term), f"sum{j}")
+        return merged, result, made
 
 
 def _with_tokens(v: torch.Tensor, k: int) -> torch.Tensor:

@@ -7,8 +7,9 @@ predictor of the library is this form, with coefficients the runtime computes fr
 stream input for a residual point (itself the replaced value when an earlier point was read: reading blocks
 i and i+1 chains their residuals). A point in ``highpass`` (FreqCa) becomes ``d0 + HighPass(c1·d1 + … + cm·dm)``:
 the correction's low band over the tokens' grid (:func:`fxcache.analysis.token_grid.token_grid`) is dropped, as
-:func:`fxcache.predictors.high_pass` does — real FFT ops on the value's own device, in float32. Everything that only fed the replaced tensors is left dead for
-:class:`~fxcache.passes.EliminateDeadCode`. Run after :class:`~fxcache.passes.WriteCache`.
+:func:`fxcache.predictors.high_pass` does — real FFT ops on the value's own device, in float32. Everything that
+only fed the replaced tensors is left dead for :class:`~fxcache.passes.EliminateDeadCode`. Run after
+:class:`~fxcache.passes.WriteCache`.
 """
 
 from __future__ import annotations
