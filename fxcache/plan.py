@@ -11,7 +11,9 @@ to an action; points not named are computed. Actions:
   (``Plan.tokens``: ``{"fresh": fraction, "score": "random" | "staleness" | "cluster", "seed": int, ...}``);
 * ``"tokens:<predictor>"`` (a predictor of ``ORDER``) — the fresh tokens are scattered into the stored value (the
   order-0 factor, kept for later steps) and every token is forecast by ``<predictor>`` from the updated factors
-  (ClusCa).
+  (ClusCa);
+* ``"hyca"`` — a second-order read whose coefficients are per feature dimension: each dimension forecast by the
+  predictor its cluster was assigned (``Plan.hybrid``, :class:`HybridSection`; HyCa).
 
 The same schedule applies to every CFG branch; each branch keeps its own cache.
 """
@@ -28,9 +30,9 @@ from fxcache.errors import InputError, PlanError
 from fxcache.files import write_atomic
 from fxcache.ir.points import CachePoint
 
-__all__ = ["ACTIONS", "GATE_KINDS", "LINEAR_PREFIX", "ORDER", "SECTIONS", "CfgCacheSection", "GateSection",
-           "LayerAdaptiveSection", "Plan", "PlanError", "Section", "SpeculativeSection", "TokenSection",
-           "check_plan_json", "is_forecast", "is_token_action", "order_of", "token_forecast"]
+__all__ = ["ACTIONS", "GATE_KINDS", "HYBRID", "LINEAR_PREFIX", "ORDER", "SECTIONS", "CfgCacheSection", "GateSection",
+           "HybridSection", "LayerAdaptiveSection", "Plan", "PlanError", "Section", "SpeculativeSection",
+           "TokenSection", "check_plan_json", "is_forecast", "is_token_action", "order_of", "token_forecast"]
 
 #: version 2: each section carries its own "version"; version-1 files (sections without one) are read too
 FORMAT_VERSION = 2
@@ -47,6 +49,9 @@ LINEAR_PREFIX = "lin:"
 #: ``"freq:<cutoff>"``: F_last + HighPass_cutoff(second-order forecast − F_last) — the forecast's correction kept only
 #: above ``cutoff`` (a fraction of the spatial frequency band, in [0, 1]) of the tokens' grid (FreqCa)
 HIGH_PASS_PREFIX = "freq:"
+#: ``"hyca"``: D0 + c1·D1 + c2·D2 with per-feature-dimension coefficient vectors, each dimension's those of the
+#: predictor its cluster was assigned (``Plan.hybrid``; HyCa)
+HYBRID = "hyca"
 
 
 def high_pass_cutoff(action: str) -> float | None:
@@ -73,20 +78,22 @@ def is_token_action(action: str) -> bool:
 
 def is_forecast(action: str) -> bool:
     """Is ``action`` read from the cache (reuse or a forecast)?"""
-    return action in ORDER or action.startswith(LINEAR_PREFIX) or high_pass_cutoff(action) is not None
+    return action in ORDER or action == HYBRID or action.startswith(LINEAR_PREFIX) or \
+        high_pass_cutoff(action) is not None
 
 
 def order_of(action: str) -> int:
     """How many finite-difference factors the action reads beyond the stored value."""
     if action.startswith(LINEAR_PREFIX):
         return 1
-    if action.startswith(HIGH_PASS_PREFIX):
+    if action.startswith(HIGH_PASS_PREFIX) or action == HYBRID:
         return 2
     return ORDER[action]
 
 
 def _valid(action: str) -> bool:
-    if action in ACTIONS or high_pass_cutoff(action) is not None or token_forecast(action) is not None:
+    if action in ACTIONS or action == HYBRID or high_pass_cutoff(action) is not None or \
+            token_forecast(action) is not None:
         return True
     if action.startswith(LINEAR_PREFIX):
         try:
@@ -309,8 +316,32 @@ class SpeculativeSection(Section):
                 fail(f"{k} must be a number {'>= 0' if k == 'floor' else '> 0'}")
 
 
+@dataclasses.dataclass
+class HybridSection(Section):
+    """HyCa's solver choice for ``"hyca"`` reads: ``solvers[c]`` is the predictor (of ``ORDER``) of cluster ``c``;
+    ``assign[point]`` lists the cluster of each feature dimension (the last axis) of that point's tensors. A
+    ``"hyca"`` read is D0 + c1·D1 + c2·D2 with c_j[dim] = the j-th coefficient of the solver of dim's cluster."""
+
+    NAME: ClassVar[str] = "hybrid"
+    solvers: list[str]
+    assign: dict[str, list[int]]
+
+    @classmethod
+    def _check(cls, data, steps, fail):
+        solvers = data.get("solvers")
+        if not isinstance(solvers, list) or not solvers or any(s not in ORDER for s in solvers):
+            fail(f"solvers must be a non-empty list of predictors ({', '.join(ORDER)})")
+        assign = data.get("assign")
+        if not isinstance(assign, dict) or not assign:
+            fail("assign must map point keys to per-dimension cluster ids")
+        for key, ids in assign.items():
+            if not isinstance(ids, list) or not ids or any(
+                    not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(solvers) for i in ids):
+                fail(f"assign[{key!r}] must be a non-empty list of cluster ids in [0, {len(solvers)})")
+
+
 SECTIONS: dict[str, type[Section]] = {c.NAME: c for c in (GateSection, CfgCacheSection, LayerAdaptiveSection,
-                                                          TokenSection, SpeculativeSection)}
+                                                          TokenSection, SpeculativeSection, HybridSection)}
 
 
 @dataclasses.dataclass
@@ -335,6 +366,8 @@ class Plan:
     tokens: TokenSection | None = None
     #: SpeCa's draft-and-verify steps; the runtime decides per step which steps compute
     speculative: SpeculativeSection | None = None
+    #: HyCa's per-feature-dimension solvers for ``"hyca"`` reads
+    hybrid: HybridSection | None = None
     #: points a method defined beyond the profile's (a block range, the whole model), as CachePoint fields
     extra_points: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     #: digest of the weights the plan was calibrated on (:func:`fxcache.identity.weights_digest`; "" = unknown)
@@ -406,6 +439,14 @@ class Plan:
             missing = [k for k in self.speculative.points if k not in by_key]
             if missing:
                 raise PlanError(f"speculative names unknown point {missing[0]!r}")
+        if self.hybrid:
+            for key, ids in self.hybrid.assign.items():
+                if key not in by_key:
+                    raise PlanError(f"hybrid assigns solvers to unknown point {key!r}")
+                widths = {tuple(shape)[-1] for shape in by_key[key].shapes if shape}
+                if widths != {len(ids)}:
+                    raise PlanError(f"hybrid assigns {len(ids)} feature dimension(s) of {key!r}, whose tensors have "
+                                    f"{', '.join(map(str, sorted(widths))) or 'no'} (the last axis)")
         if self.layer_adaptive:
             missing = [k for k in self.layer_adaptive.blocks if k not in by_key]
             if missing:
@@ -427,6 +468,9 @@ class Plan:
                 inner = token_forecast(action)
                 need = 1 if action == "tokens" else order_of(inner) + 1 if inner else \
                     order_of(action) + 1 if is_forecast(action) else 0
+                if action == HYBRID and (not self.hybrid or key not in self.hybrid.assign):
+                    raise PlanError(f"step {s}: {HYBRID!r} action on {key!r} but the plan's hybrid section assigns "
+                                    "it no solvers")
                 if is_token_action(action) and not self.tokens:
                     raise PlanError(f"step {s}: 'tokens' action on {key!r} but the plan has no token settings")
                 if action != "compute" and computed[key] < need:

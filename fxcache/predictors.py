@@ -27,7 +27,7 @@ import torch
 from fxcache.plan import HIGH_PASS_PREFIX, LINEAR_PREFIX, ORDER, PlanError, high_pass_cutoff, token_forecast
 
 __all__ = ["HERMITE_SIGMA", "PREDICTORS", "foca", "forecast_coefficients", "hermite_scaled", "high_pass",
-           "history_needed", "predict"]
+           "history_needed", "hybrid_coefficients", "predict"]
 
 PREDICTORS = ("reuse", "taylor1", "taylor2", "ab2", "hermite", "foca")
 _NEEDED = {"reuse": 1, "taylor1": 2, "ab2": 2, "taylor2": 3, "hermite": 3, "foca": 3}
@@ -154,3 +154,13 @@ def forecast_coefficients(action: str, k: float, d: float = 1.0) -> list[float]:
     if high_pass_cutoff(action) is not None:  # FreqCa's Hermite step, high-passed in the graph
         return [k, k * k / 2.0]
     raise PlanError(f"no forecast coefficients for action {action!r}")
+
+
+def hybrid_coefficients(solvers: Sequence[str], k: float, d: float = 1.0) -> list[list[float]]:
+    """Per solver (a predictor of ``ORDER``) its ``[c1, c2]`` (:func:`forecast_coefficients`, a lower order's
+    missing coefficients 0): the rows a ``"hyca"`` read gathers per feature dimension."""
+    rows = []
+    for name in solvers:
+        c = forecast_coefficients(name, k, d)
+        rows.append([*c, *[0.0] * (2 - len(c))])
+    return rows

@@ -51,12 +51,14 @@ class Variant:
     #: ``(clusters, γ)``: token points that are also read (``"tokens:<predictor>"``) move their order-0 factor to
     #: their cluster's fresh mean by γ (ClusCa's propagation); ``()``: none
     propagation: tuple = ()
+    #: read points whose coefficients are vectors over the feature (last) axis, with its size (HyCa's ``"hyca"``)
+    hybrid: tuple[tuple[str, int], ...] = ()
 
     def __hash__(self) -> int:  # looked up several times per call: hashed once (the fields never change)
         h = self.__dict__.get("_hash")
         if h is None:
             h = self.__dict__["_hash"] = hash((self.writes, self.reads, self.part, self.cut, self.tokens,
-                                               self.num_tokens, self.highpass, self.propagation))
+                                               self.num_tokens, self.highpass, self.propagation, self.hybrid))
         return h
 
     @functools.cached_property  # noqa: B019 — a frozen value: computed once per variant, read at every call
@@ -69,7 +71,8 @@ class Variant:
         if self.reads:
             orders = sorted({o for _, o in self.reads})
             parts.append(f"cached[{len(self.reads)} pts, order {'/'.join(map(str, orders))}]"
-                         + (f"+highpass[{len(self.highpass)}]" if self.highpass else ""))
+                         + (f"+highpass[{len(self.highpass)}]" if self.highpass else "")
+                         + (f"+hybrid[{len(self.hybrid)}]" if self.hybrid else ""))
         if self.tokens:
             fresh = "+".join(f"{k}/{n}" for n, k in self.num_tokens)
             parts.append(f"tokens[{len(self.tokens)} pts, {fresh} fresh]")
@@ -85,7 +88,7 @@ def specialize(graph_module: torch.fx.GraphModule, points: Mapping[str, CachePoi
     gm = copy_graph_module(graph_module)
     passes = [FlattenIO(), WriteCache([points[k] for k in variant.writes if k not in variant.tokens]),
               ReadCache([(points[k], order) for k, order in variant.reads if k not in variant.tokens],
-                        dict(variant.highpass)),
+                        dict(variant.highpass), dict(variant.hybrid)),
               ComputeTokenSubset([points[k] for k in variant.tokens], variant.num_tokens,
                                  {k: order for k, order in variant.reads if k in variant.tokens}, variant.propagation)]
     if variant.part == "prefix":

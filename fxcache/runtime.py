@@ -30,8 +30,8 @@ from fxcache.ir.names import parse_input, write_output
 from fxcache.ir.points import CachePoint
 from fxcache.loops import StepTracker, step_scalar
 from fxcache.methods import policies_for
-from fxcache.plan import Plan
-from fxcache.predictors import forecast_coefficients
+from fxcache.plan import HYBRID, Plan
+from fxcache.predictors import forecast_coefficients, hybrid_coefficients
 from fxcache.rewrite import Variant
 from fxcache.trace import CallSignature, FastBinder, TracedDenoiser, describe_key_change
 
@@ -483,7 +483,7 @@ class OptimizedDenoiser(torch.nn.Module):
                 inputs.append(entry.factors[a][b])
             elif kind == "coef":
                 if point not in coefs:
-                    coefs[point] = self._coefficients(acts[point], cache[point], step, call.device)
+                    coefs[point] = self._coefficients(acts[point], cache[point], step, call.device, point)
                 inputs.append(coefs[point][a - 1])
             elif kind == "cut":
                 inputs.append(tail[a])
@@ -546,14 +546,24 @@ class OptimizedDenoiser(torch.nn.Module):
         recipe = self._recipes[variant] = _Recipe(inputs, orders, writes, updates=updates)
         return recipe
 
-    def _coefficients(self, action: str, entry, step: int, device) -> list[torch.Tensor]:
+    def _coefficients(self, action: str, entry, step: int, device, point: str = "") -> list[torch.Tensor]:
         """The forecast coefficients of ``action`` at ``step`` (from the point's computing steps), as float32
-        tensors on ``device`` — made once per distinct (action, distance, spacing, device)."""
+        tensors on ``device`` — made once per distinct (action, distance, spacing, device). A ``"hyca"`` read of
+        ``point`` gets vectors over its feature axis in its values' dtype: per dimension the coefficients of its
+        cluster's solver (``plan.hybrid``), gathered on the device once per (point, distance, spacing, device)."""
         k = step - entry.steps[-1]
         d = entry.steps[-1] - entry.steps[-2] if len(entry.steps) > 1 else 1
-        key = (action, k, d, device)
+        key = (action, k, d, device) if action != HYBRID else (action, point, k, d, device)
         cached = self._coef_tensors.get(key)
-        if cached is None:
+        if cached is None and action == HYBRID:
+            spec, dtype = self.plan.hybrid, entry.factors[0][0].dtype
+            ids_key = ("hyca-ids", point, device)
+            ids = self._coef_tensors.get(ids_key)
+            if ids is None:
+                ids = self._coef_tensors[ids_key] = torch.tensor(spec.assign[point], dtype=torch.long, device=device)
+            table = torch.tensor(hybrid_coefficients(spec.solvers, k, d), dtype=torch.float32, device=device)
+            cached = self._coef_tensors[key] = [table[:, j].index_select(0, ids).to(dtype) for j in range(2)]
+        elif cached is None:
             values = forecast_coefficients(action, k, d)
             cached = self._coef_tensors[key] = [torch.tensor(c, dtype=torch.float32, device=device) for c in values]
         return cached

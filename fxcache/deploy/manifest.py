@@ -35,7 +35,8 @@ WEIGHTS = "weights.bin"
 def variant_to_json(v: Variant) -> dict[str, Any]:
     return {"writes": list(v.writes), "reads": [list(r) for r in v.reads], "part": v.part, "cut": list(v.cut),
             "tokens": list(v.tokens), "num_tokens": [list(n) for n in v.num_tokens],
-            "highpass": [list(h) for h in v.highpass], "propagation": list(v.propagation)}
+            "highpass": [list(h) for h in v.highpass], "propagation": list(v.propagation),
+            "hybrid": [list(h) for h in v.hybrid]}
 
 
 def variant_from_json(d: dict[str, Any]) -> Variant:
@@ -43,7 +44,8 @@ def variant_from_json(d: dict[str, Any]) -> Variant:
                    cut=tuple(d["cut"]), tokens=tuple(d["tokens"]),
                    num_tokens=tuple((int(n), int(k)) for n, k in d["num_tokens"]),
                    highpass=tuple((k, float(c)) for k, c in d.get("highpass", [])),
-                   propagation=tuple(d.get("propagation", [])))
+                   propagation=tuple(d.get("propagation", [])),
+                   hybrid=tuple((k, int(n)) for k, n in d.get("hybrid", [])))
 
 
 def sha256_file(path: str, chunk: int = 1 << 24) -> str:

@@ -56,6 +56,9 @@ def _check_exportable(opt) -> None:
         raise ExportError(f"{type(opt.fxcache_model).__name__} was captured by regions ({region.describe()}): the "
                           "code of its forward around the region runs as Python and cannot be exported as a step "
                           "engine — make the model's whole forward exportable (the trace error names the line)")
+    if getattr(opt.plan, "hybrid", None) is not None:
+        raise ExportError(f"the plan's method {opt.plan.method} forecasts with per-dimension coefficient vectors "
+                          "(HyCa), which the exported step engines do not carry yet: export another method's plan")
     for policy in opt._policies:
         reason = policy.export_blocker
         if reason:

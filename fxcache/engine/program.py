@@ -18,7 +18,7 @@ import torch.fx
 from fxcache.analysis.cut import prefix_cut
 from fxcache.ir.names import IO_META
 from fxcache.ir.points import CachePoint
-from fxcache.plan import Plan, high_pass_cutoff, is_forecast, is_token_action, order_of, token_forecast
+from fxcache.plan import HYBRID, Plan, high_pass_cutoff, is_forecast, is_token_action, order_of, token_forecast
 from fxcache.rewrite import Variant, executed_flops, live_flops, specialize
 
 __all__ = ["StepProgram"]
@@ -73,8 +73,9 @@ class StepProgram(torch.nn.Module):
         tokens = plan.tokens
         propagation = (tokens.clusters, float(tokens.propagation)) if token_reads and tokens.score == "cluster" \
             and tokens.propagation else ()
+        hybrid = tuple(sorted((k, len(plan.hybrid.assign[k])) for k, a in acts.items() if a == HYBRID))
         return Variant(writes=writes, reads=reads, tokens=token_points, num_tokens=self._num_tokens(token_points),
-                       highpass=highpass, propagation=propagation)
+                       highpass=highpass, propagation=propagation, hybrid=hybrid)
 
     def prefix_cut(self, anchors) -> tuple[str, ...]:
         """The tensors a gate's prefix hands its suffix when the prefix computes ``anchors``
@@ -88,9 +89,10 @@ class StepProgram(torch.nn.Module):
     def widest(variant: Variant, candidates) -> Variant:
         """Among ``candidates`` computing what ``variant`` computes (same reads, tokens, part and cut) and writing
         at least its writes, the one writing the most (``variant`` itself when none writes more)."""
-        same = [c for c in candidates if (c.reads, c.highpass, c.tokens, c.num_tokens, c.part, c.cut, c.propagation)
+        same = [c for c in candidates if (c.reads, c.highpass, c.tokens, c.num_tokens, c.part, c.cut, c.propagation,
+                                          c.hybrid)
                 == (variant.reads, variant.highpass, variant.tokens, variant.num_tokens, variant.part, variant.cut,
-                    variant.propagation)
+                    variant.propagation, variant.hybrid)
                 and set(variant.writes) <= set(c.writes)]
         return max(same, key=lambda c: (len(c.writes), c.writes), default=variant)
 

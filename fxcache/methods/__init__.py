@@ -17,6 +17,7 @@ from fxcache.methods.first_block import DBCache, FBCache
 from fxcache.methods.forecast import ABCache, FoCa, HiCache, TaylorSeer
 from fxcache.methods.foresight import Foresight
 from fxcache.methods.freqca import FreqCa
+from fxcache.methods.hyca import HyCa
 from fxcache.methods.magcache import MagCache
 from fxcache.methods.reuse import FORA, PAB, BlockDance, DeepCache, DeltaDiT
 from fxcache.methods.schedules import Full, Scheduled
@@ -27,7 +28,7 @@ from fxcache.methods.tokens import DuCa, ToCa
 #: every method class; the plan search tries ``cls.search_space(interval)`` of each, in this order
 LIBRARY: tuple[type[Method], ...] = (
     # the search's interval sweep
-    FORA, TaylorSeer, HiCache, FoCa, ABCache, FreqCa, DeltaDiT, BlockDance, DeepCache, ToCa, DuCa, ClusCa,
+    FORA, TaylorSeer, HiCache, FoCa, HyCa, ABCache, FreqCa, DeltaDiT, BlockDance, DeepCache, ToCa, DuCa, ClusCa,
     Full, Scheduled, PAB, MagCache, FBCache, DBCache, TeaCache, EasyCache, FasterCache, Foresight, DiCache,
     SpeCa,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "FreqCa",
     "Full",
     "HiCache",
+    "HyCa",
     "MagCache",
     "Method",
     "PlanContext",

@@ -2,14 +2,15 @@
 
 For each tensor ``i`` of a point read with forecast order ``m`` the graph gains inputs ``cache:<point>[i].d0`` ..
 ``.d<m>`` (the stored value and its finite-difference factors, see :mod:`fxcache.predictors`) and, once per point,
-``coef:<point>.c1`` .. ``.c<m>`` (0-dim tensors). The point's value becomes ``d0 + c1·d1 + … + cm·dm`` — every
-predictor of the library is this form, with coefficients the runtime computes from the step distance — plus the
-stream input for a residual point (itself the replaced value when an earlier point was read: reading blocks
-i and i+1 chains their residuals). A point in ``highpass`` (FreqCa) becomes ``d0 + HighPass(c1·d1 + … + cm·dm)``:
-the correction's low band over the tokens' grid (:func:`fxcache.analysis.token_grid.token_grid`) is dropped, as
-:func:`fxcache.predictors.high_pass` does — real FFT ops on the value's own device, in float32. Everything that
-only fed the replaced tensors is left dead for :class:`~fxcache.passes.EliminateDeadCode`. Run after
-:class:`~fxcache.passes.WriteCache`.
+``coef:<point>.c1`` .. ``.c<m>`` (0-dim float32 tensors; for a point in ``vectors`` (HyCa) vectors over the feature
+(last) axis in the value's dtype, one coefficient per feature dimension). The point's value becomes
+``d0 + c1·d1 + … + cm·dm`` — every predictor of the library is this form, with coefficients the runtime computes
+from the step distance — plus the stream input for a residual point (itself the replaced value when an earlier
+point was read: reading blocks i and i+1 chains their residuals). A point in ``highpass`` (FreqCa) becomes
+``d0 + HighPass(c1·d1 + … + cm·dm)``: the correction's low band over the tokens' grid
+(:func:`fxcache.analysis.token_grid.token_grid`) is dropped, as :func:`fxcache.predictors.high_pass` does — real FFT
+ops on the value's own device, in float32. Everything that only fed the replaced tensors is left dead for
+:class:`~fxcache.passes.EliminateDeadCode`. Run after :class:`~fxcache.passes.WriteCache`.
 """
 
 from __future__ import annotations
@@ -33,16 +34,19 @@ _aten = torch.ops.aten
 
 class ReadCache(FxPass):
     """Read each ``(point, order)`` of ``reads`` from cache inputs (order 0 = reuse the stored value); ``highpass``
-    maps a point key to the cutoff its forecast correction is high-passed at."""
+    maps a point key to the cutoff its forecast correction is high-passed at; ``vectors`` maps a point key to the size
+    of its feature (last) axis when its coefficients are per-dimension vectors."""
 
     name = "read_cache"
     requires_passes = ("annotate_nodes", "flatten_io")
     once = True
 
-    def __init__(self, reads: Sequence[tuple[CachePoint, int]], highpass: Mapping[str, float] | None = None):
+    def __init__(self, reads: Sequence[tuple[CachePoint, int]], highpass: Mapping[str, float] | None = None,
+                 vectors: Mapping[str, int] | None = None):
         super().__init__()
         self.reads = list(reads)
         self.highpass = dict(highpass or {})
+        self.vectors = dict(vectors or {})
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         graph = graph_module.graph
@@ -55,7 +59,10 @@ class ReadCache(FxPass):
         position = {n: i for i, n in enumerate(graph.nodes)}
         reads = sorted(self.reads, key=lambda r: min(position[by_key[k]] for k in r[0].nodes))  # graph order
         for point, order in reads:
-            coefs = [new_input(coef_input(point.key, j), torch.empty((), dtype=torch.float32, device="meta"))
+            width = self.vectors.get(point.key)
+            first = by_key[point.nodes[0]].meta.get("val")
+            shape, dtype = ((), torch.float32) if width is None else ((width,), first.dtype)
+            coefs = [new_input(coef_input(point.key, j), torch.empty(shape, dtype=dtype, device="meta"))
                      for j in range(1, order + 1)]
             for i, (node_key, base_key) in enumerate(zip(point.nodes, point.bases)):
                 node = by_key[node_key]

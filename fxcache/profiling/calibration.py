@@ -11,7 +11,9 @@ Stages, top to bottom:
 3. **stream statistics** — per cache point, branch and step: relative L1 change, cosine similarity, magnitude
    ratio, and the error of each predictor (:mod:`fxcache.predictors`) for every spacing × horizon, against the true
    value. Only the last ``max(horizons) + 2·max(spacings)`` steps of each point are held, so memory is
-   O(points × history), independent of the number of steps and prompts.
+   O(points × history), independent of the number of steps and prompts. For layer points over a feature axis
+   (``metrics.feature_width``) the next-step error of every predictor per feature dimension is summed as well
+   (predictors × features numbers per point, read once per prompt): HyCa's solver choice.
    Statistics stay on the model's device: per call, one device→host transfer reads the step input (needed to
    map the call to a step) together with the statistics of the calls before it (:class:`_HostReads`), so a CUDA
    model syncs once per call and never per point or per metric.
@@ -39,7 +41,7 @@ from fxcache.errors import ProfileError
 from fxcache.ir.meta import key_of
 from fxcache.ir.points import CachePoint
 from fxcache.loops import StepTracker, final_tensor, step_scalar
-from fxcache.profiling.metrics import HostReads, Options, step_metrics
+from fxcache.profiling.metrics import HostReads, Options, feature_width, step_metrics
 from fxcache.trace import CallSignature, TracedDenoiser, describe_key_change
 
 log = logging.getLogger(__name__)
@@ -135,6 +137,10 @@ class Calibration:
         self.timesteps: list[float | None] = []
         self.peak_bytes = 0
         self.history: dict[tuple[str, int], OrderedDict[int, list[torch.Tensor]]] = {}
+        #: per layer point: per-dimension next-step errors summed over prompts (predictors × features) and the count
+        self.dim_sums: dict[str, np.ndarray] = {}
+        self.dim_counts: dict[str, int] = {}
+        self._dim_acc: dict[str, list] = {}  # this prompt's sums, on the device
         self.estimate_sensitivity = False
         self.replay: tuple[str, int] | None = None
         self.reference_sums: dict[int, list[float]] = {}
@@ -280,7 +286,9 @@ class Calibration:
         for p in self.all_points:
             for branch, vs in self._split(record, values[p.key]):
                 hist = self.history.setdefault((p.key, branch), OrderedDict())
-                row = step_metrics(vs, hist, record.step, self.opts)
+                per_dim = self._dim_acc.setdefault(p.key, [None, 0]) if p.kind == "layer" and \
+                    feature_width(vs) is not None else None
+                row = step_metrics(vs, hist, record.step, self.opts, per_dim)
                 rows.append((p.key, branch, len(row)))
                 flat.extend(row)
         if flat:  # read on the host with the next call's step input (one transfer per call)
@@ -304,6 +312,10 @@ class Calibration:
             raise ProfileError(f"NaN or Inf in {where} at step {record.step} (prompt {run.prompt}, branch {branch}, "
                                f"call {record.index}); the model or sampler diverged — check the weights, the dtype "
                                "(fp16 overflow), the scheduler settings and the inputs")
+
+    def _store_dims(self, key: str, total: np.ndarray, count: int) -> None:
+        self.dim_sums[key] = self.dim_sums.get(key, 0.0) + total
+        self.dim_counts[key] = self.dim_counts.get(key, 0) + count
 
     def _push(self, record: CallRecord, values: dict[str, list[torch.Tensor]]) -> None:
         lookback = self.opts.lookback
@@ -395,10 +407,16 @@ class Calibration:
         self.estimate_sensitivity = estimate
         self._run_rows: dict[str, dict[tuple[int, int], np.ndarray]] = {}
         self.history = {}
+        self._dim_acc = {}
         run = self.run = _Run(index)
         try:
             torch.manual_seed(self.opts.seed + index)
             final = invoke(self)
+            for key, (total, count) in self._dim_acc.items():  # read with the last call's statistics
+                if count:
+                    self._reads.defer(total, lambda v, key=key, shape=tuple(total.shape), count=count:
+                                      self._store_dims(key, np.asarray(v, dtype=np.float64).reshape(shape), count))
+            self._dim_acc = {}
             self._reads.read()  # the last call's statistics
         finally:
             self.run = None

@@ -196,7 +196,8 @@ def run_profile(model, calib_prompts: Sequence[Any], *, sampler=None, granularit
                  "granularity": granularity, "seed": seed, "sensitivity_prompts": sensitivity_prompts},
         metrics=metrics, pred_err=pred_err, out_err=out_err, gains=gains, sensitivity=sens, measured=measured,
         check=check, calls=[dataclasses.asdict(c) for c in calib.calls], peak_history_bytes=calib.peak_bytes,
-        weights=weights_digest(denoiser))
+        weights=weights_digest(denoiser),
+        dim_err={k: calib.dim_sums[k] / calib.dim_counts[k] for k in keys if calib.dim_counts.get(k)})
     result.traced = traced
     log.info("profiled %s: %d cache points, %d steps, %d prompt(s)", result.model_name, len(keys), num_steps,
              len(calib_prompts))

@@ -12,7 +12,7 @@ import torch
 
 from fxcache.predictors import PREDICTORS, history_needed, predict
 
-__all__ = ["BASIC_METRICS", "HostReads", "Options", "step_metrics"]
+__all__ = ["BASIC_METRICS", "HostReads", "Options", "feature_width", "step_metrics"]
 
 #: per-step metrics stored for every point (the predictor errors are stored separately)
 BASIC_METRICS = ("norm", "rel_l1", "cosine", "mag_ratio")
@@ -74,9 +74,22 @@ def _token_dim(t: torch.Tensor) -> int:
     return 1 if t.dim() in (4, 5) else -1  # channels of a conv feature map; features of a token sequence
 
 
-def step_metrics(values, hist: OrderedDict, step: int, opts: Options) -> list[torch.Tensor]:
+def feature_width(values) -> int | None:
+    """The size of the feature (last) axis shared by a point's tensors — ``(batch, tokens, features)`` or
+    ``(batch, features)`` — or ``None`` (conv feature maps, mixed widths): the axis HyCa's per-dimension errors
+    are measured over."""
+    widths = {v.shape[-1] for v in values if v.dim() in (2, 3)}
+    return widths.pop() if len(widths) == 1 and all(v.dim() in (2, 3) for v in values) else None
+
+
+def step_metrics(values, hist: OrderedDict, step: int, opts: Options, per_dim: list | None = None
+                 ) -> list[torch.Tensor]:
     """[norm, rel_l1, cosine, mag_ratio, pred_err(pred, spacing, horizon)...] as 0-dim float tensors (NaN when the
-    history is too short)."""
+    history is too short). With ``per_dim`` (a list ``[sum, count]``, ``sum`` ``None`` at first; the values need a
+    :func:`feature_width`): for every spacing at which *every* predictor has its history, the next-step
+    (horizon 1) error of each predictor per feature dimension — mean |forecast − value| over the other axes and the
+    point's tensors, a (predictors, features) float32 tensor on the values' device — is added to ``sum`` and
+    ``count`` counts the spacings added."""
     nan = values[0].new_full((), float("nan"), dtype=torch.float32)  # on the features' device
     numel = sum(v.numel() for v in values)
     v_abs = _sum_abs(values)
@@ -96,6 +109,7 @@ def step_metrics(values, hist: OrderedDict, step: int, opts: Options) -> list[to
             r = a.float().norm(dim=d) / b.float().norm(dim=d).clamp_min(1e-12)
             ratios, count = ratios + r.sum(), count + r.numel()
         row.append(ratios / count)
+    dims: dict[int, list[torch.Tensor]] = {}  # spacing -> per-predictor per-dimension next-step errors
     for name in opts.predictors:
         need = history_needed(name)
         for d in opts.spacings:
@@ -105,7 +119,15 @@ def step_metrics(values, hist: OrderedDict, step: int, opts: Options) -> list[to
                 if any(x is None for x in known):
                     row.append(nan)
                     continue
-                err = sum((predict(name, [x[i].float() for x in known], d, k) - values[i].float()).abs().sum()
-                          for i in range(len(values)))
-                row.append(err / v_abs)
+                diffs = [(predict(name, [x[i].float() for x in known], d, k) - values[i].float()).abs()
+                         for i in range(len(values))]
+                row.append(sum(e.sum() for e in diffs) / v_abs)
+                if per_dim is not None and k == 1:
+                    rows = sum(e.numel() // e.shape[-1] for e in diffs)
+                    dims.setdefault(d, []).append(sum(e.reshape(-1, e.shape[-1]).sum(0) for e in diffs) / rows)
+    for errs in dims.values():
+        if len(errs) == len(opts.predictors):  # every predictor measured on the same (step, spacing)
+            stacked = torch.stack(errs)
+            per_dim[0] = stacked if per_dim[0] is None else per_dim[0] + stacked
+            per_dim[1] += 1
     return row

@@ -37,7 +37,11 @@ class Profile:
       forecast of the value at ``step`` from values at ``step − horizon − j·spacing``;
     * ``out_err[point, step]`` — relative L2 change of the model output when the point is reused from the
       previous step (sensitivity prompts only);
-    * ``sensitivity[point, step]`` — estimated relative L2 change of the final sample (``gains[step]·out_err``).
+    * ``sensitivity[point, step]`` — estimated relative L2 change of the final sample (``gains[step]·out_err``);
+    * ``dim_err[point]`` (layer points over a feature axis) — ``[predictor, feature]``: the next-step (horizon 1)
+      error of each predictor per feature dimension, mean |forecast − value| over the other axes, the spacings at
+      which every predictor has its history, the steps, branches and prompts (HyCa's solver choice). ``None``: a
+      profile made before fxcache recorded it.
 
     ``points`` are the cache-point keys; ``signals`` the gate-signal keys (rows after the points in ``metrics``
     and ``pred_err``). Values are means over calibration prompts. Residual points (stack/block) are measured on
@@ -49,7 +53,8 @@ class Profile:
                  num_branches: int, cfg: str, num_prompts: int, total_flops: int, options: dict[str, Any],
                  metrics: np.ndarray, pred_err: np.ndarray, out_err: np.ndarray, gains: np.ndarray,
                  sensitivity: np.ndarray, measured: list[dict[str, Any]], check: dict[str, Any],
-                 calls: list[dict[str, Any]], peak_history_bytes: int, weights: str = ""):
+                 calls: list[dict[str, Any]], peak_history_bytes: int, weights: str = "",
+                 dim_err: dict[str, np.ndarray] | None = None):
         self.fingerprint = fingerprint
         self.model_name = model_name
         self.cache_points = list(cache_points)
@@ -72,6 +77,7 @@ class Profile:
         self.peak_history_bytes = peak_history_bytes
         #: digest of the weights profiled (:func:`fxcache.identity.weights_digest`; "" = unknown)
         self.weights = weights
+        self.dim_err = None if dim_err is None else dict(dim_err)
         self._row = {p.key: i for i, p in enumerate(self.cache_points + self.signal_points)}
         #: the traced denoiser profiled (set by profile(), or by Profile.load(dir, traced); not saved)
         self.traced: TracedDenoiser | None = None
@@ -124,6 +130,16 @@ class Profile:
                            f"{opts['horizons']}; asked for {predictor!r}, spacing {spacing}, horizon {horizon}") from None
         return self._over_branches(self.pred_err[self._index(key), :, p, d, k, :], branch)
 
+    def dimension_errors(self, key: str) -> np.ndarray:
+        """``[predictor, feature]`` next-step error of each predictor (``options["predictors"]``) per feature
+        dimension of layer point ``key`` (see the class docstring)."""
+        if self.dim_err is None:
+            raise KeyError("this profile has no per-dimension errors (made by an older fxcache): profile again")
+        if key not in self.dim_err:
+            self.point(key)
+            raise KeyError(f"{key!r} has no per-dimension errors (only layer points over a feature axis do)")
+        return self.dim_err[key]
+
     def sensitivity_of(self, key: str) -> np.ndarray:
         """Estimated relative L2 change of the final sample when ``key`` is reused from the previous step, per
         step."""
@@ -154,6 +170,7 @@ class Profile:
             "signal_points": [p.to_json() for p in self.signal_points],
             "measured": self.measured, "check": self.check, "calls": self.calls,
             "peak_history_bytes": self.peak_history_bytes, "weights": self.weights,
+            **({} if self.dim_err is None else {"dim_err": sorted(self.dim_err)}),
         }
 
     def save(self, directory: str | os.PathLike) -> str:
@@ -166,6 +183,7 @@ class Profile:
         os.makedirs(directory, exist_ok=True)
         arrays = {"metrics": self.metrics, "pred_err": self.pred_err, "out_err": self.out_err, "gains": self.gains,
                   "sensitivity": self.sensitivity}
+        arrays.update({f"dim_err:{k}": v for k, v in (self.dim_err or {}).items()})
         arrays = {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()}
         save_id = uuid.uuid4().hex  # written into both files: a pair from two different saves is detected on load
         meta = json.dumps(_jsonable({**self._meta(), "save_id": save_id}), indent=1, allow_nan=True)
@@ -232,13 +250,15 @@ class Profile:
                        pred_err=arrays["pred_err"], out_err=arrays["out_err"], gains=arrays["gains"],
                        sensitivity=arrays["sensitivity"], measured=meta["measured"], check=meta["check"],
                        calls=meta["calls"], peak_history_bytes=meta["peak_history_bytes"],
-                       weights=meta.get("weights", ""))
+                       weights=meta.get("weights", ""),
+                       dim_err=None if "dim_err" not in meta else {k: arrays[f"dim_err:{k}"] for k in meta["dim_err"]})
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ProfileError(f"{json_path} is not a complete profile ({type(e).__name__}: {e}); was it edited? "
                                "Profile the model again") from e
         n_rows, n_steps = len(points) + len(signals), prof.num_steps
         if prof.metrics.shape[:1] != (n_rows,) or prof.metrics.shape[2:3] != (n_steps,) or \
-                prof.sensitivity.shape != (len(points), n_steps):
+                prof.sensitivity.shape != (len(points), n_steps) or any(
+                    a.ndim != 2 or a.shape[0] != len(opts["predictors"]) for a in (prof.dim_err or {}).values()):
             raise ProfileError(f"{directory}: the arrays do not match the profile's points and steps (edited?); "
                                "profile the model again")
         if model is not None:
