@@ -116,15 +116,15 @@ def fxcache_configs(model, sampler, prof, speedups, quick: bool, only: list[str]
     for n in intervals:
         sweeps += [M.FORA(interval=n), M.DeltaDiT(interval=n), M.TaylorSeer(interval=n, order=1),
                    M.TaylorSeer(interval=n, order=2), M.HiCache(interval=n), M.FoCa(interval=n),
-                   M.ABCache(interval=n), M.FreqCa(interval=n), M.BlockDance(interval=n), M.ToCa(interval=n),
-                   M.DuCa(interval=n), M.DeepCache(interval=n),
+                   M.HyCa(interval=n), M.ABCache(interval=n), M.FreqCa(interval=n), M.BlockDance(interval=n),
+                   M.ToCa(interval=n), M.DuCa(interval=n), M.ClusCa(interval=n), M.DeepCache(interval=n),
                    M.PAB(self_range=n, cross_range=n + 2, window=(0.0, 1000.0)),
                    M.FasterCache(interval=n, cfg=False)]
     for t in thresholds:
         sweeps += [M.FBCache(threshold=t), M.DBCache(front=1, back=0, threshold=t, warmup=2),
                    M.TeaCache(threshold=t), M.EasyCache(threshold=t / 4, warmup=2),
                    M.MagCache(threshold=t, max_skips=6, retention=0.1), M.Foresight(gamma=t, warmup=2),
-                   M.DiCache(threshold=t)]
+                   M.DiCache(threshold=t), M.SpeCa(threshold=t)]
     for method in sweeps:
         if only is not None and type(method).__name__ not in only:
             continue
