@@ -45,7 +45,7 @@ def valid_plans(draw, keys, num_steps_max=8):
             "steps": steps,
             "method": "property", "params": {}, "model": "DiTTransformer2DModel", "timesteps": timesteps,
             "gate": None, "cfg_cache": None, "layer_adaptive": None, "tokens": None, "extra_points": [],
-            "weights": "", "calls_per_step": calls, "speculative": None}
+            "weights": "", "calls_per_step": calls, "speculative": None, "hybrid": None}
 
 
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-5, 99) | st.floats(allow_nan=False)
