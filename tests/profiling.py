@@ -147,3 +147,25 @@ def brute_metrics(series, horizons, spacings, sigma=0.5):
                         err += np.abs(forecast(name, *hist, d, k) - v).sum()
                     pred[pi, di, ki, s] = err / s_abs(vs)
     return basic, pred
+
+
+def scheduled_fraction(opt, steps: int) -> float:
+    """The computed fraction a static plan's schedule implies, independently of the rewrite: per step the full call's
+    matmul-like FLOPs minus what the step's reads make dead (a liveness walk of the traced graph,
+    ``fxcache.analysis.points.saved_flops``), over ``steps`` full calls."""
+    from fxcache.analysis.flops import matmul_flops
+    from fxcache.analysis.points import saved_flops
+
+    gm = opt.traced.graph_module
+    by_key = {n.meta["fxcache"].key: n for n in gm.graph.nodes}
+    points = {p.key: p for p in opt.profile.cache_points}
+    full = sum(matmul_flops(n) for n in gm.graph.nodes)
+    executed = 0
+    for s in range(steps):
+        replaced = {}
+        for key in opt.plan.actions(s):
+            p = points[key]
+            replaced.update({by_key[n]: by_key[b] if b else None for n, b in zip(p.nodes, p.bases)})
+        executed += full - saved_flops(gm, replaced, flops=matmul_flops)
+    return executed / (steps * full)
+

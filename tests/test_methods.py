@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from conftest import check_golden
-from profiling import dit, sampler, seeded_run
+from profiling import dit, sampler, scheduled_fraction, seeded_run
 
 import fxcache
 from fxcache.ir import dump
@@ -1080,27 +1080,14 @@ def test_computed_fraction_matches_the_schedule(method_name):
     computed here from the graph by a liveness walk (fxcache.analysis.points.saved_flops), independently of the
     rewrite's dead-code elimination."""
     import fxcache.methods as M
-    from fxcache.analysis.flops import matmul_flops
-    from fxcache.analysis.points import saved_flops
 
     model, smp = dit(), sampler("euler", steps=STEPS, cfg="separate")
     method = {"PAB": M.PAB(window=(0, 1001)), "MagCache": M.MagCache(threshold=1.0)}.get(method_name) or \
         getattr(M, method_name)()
     opt = fxcache.optimize(model, [3], sampler=smp, method=method, progress=False)
     seeded_run(opt, smp, 3)
-    gm = opt.traced.graph_module
-    by_key = {n.meta["fxcache"].key: n for n in gm.graph.nodes}
-    points = {p.key: p for p in opt.profile.cache_points}
-    full = sum(matmul_flops(n) for n in gm.graph.nodes)
-    executed = 0
-    for s in range(STEPS):
-        replaced = {}
-        for key in opt.plan.actions(s):
-            p = points[key]
-            replaced.update({by_key[n]: by_key[b] if b else None for n, b in zip(p.nodes, p.bases)})
-        executed += full - saved_flops(gm, replaced, flops=matmul_flops)
     assert any(opt.plan.actions(s) for s in range(STEPS))
-    assert opt.stats()["computed_fraction"] == pytest.approx(executed / (STEPS * full), rel=1e-9)
+    assert opt.stats()["computed_fraction"] == pytest.approx(scheduled_fraction(opt, STEPS), rel=1e-9)
 
 
 @pytest.mark.parametrize("name", ["dit", "wan", "flux"])

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from profiling import dit, sampler, seeded_run
+from profiling import dit, sampler, scheduled_fraction, seeded_run
 
 import fxcache
 from fxcache.analysis.token_grid import token_grid
@@ -162,23 +162,10 @@ def test_the_cutoff_extremes_are_the_plain_forecast_and_plain_reuse(cutoff, plai
 def test_computed_fraction_matches_the_schedule():
     """The FFT adds no matmul-like FLOPs: per step the work is the full call's minus what the stack read makes dead
     (a liveness walk of the traced graph, independent of the rewrite's dead-code elimination)."""
-    from fxcache.analysis.flops import matmul_flops
-    from fxcache.analysis.points import saved_flops
 
     model, smp = dit(), sampler("euler", steps=STEPS, cfg="separate")
     opt = fxcache.optimize(model, [3], sampler=smp, method=FreqCa(interval=4), progress=False)
     seeded_run(opt, smp, 3)
-    gm = opt.traced.graph_module
-    by_key = {n.meta["fxcache"].key: n for n in gm.graph.nodes}
-    points = {p.key: p for p in opt.profile.cache_points}
-    full = sum(matmul_flops(n) for n in gm.graph.nodes)
-    executed = 0
-    for s in range(STEPS):
-        replaced = {}
-        for key in opt.plan.actions(s):
-            p = points[key]
-            replaced.update({by_key[n]: by_key[b] if b else None for n, b in zip(p.nodes, p.bases)})
-        executed += full - saved_flops(gm, replaced, flops=matmul_flops)
     assert [s for s in range(STEPS) if not opt.plan.actions(s)] == [0, 1, 2, 6]  # warm-up 3, then every 4th
-    assert opt.stats()["computed_fraction"] == pytest.approx(executed / (STEPS * full), rel=1e-9)
+    assert opt.stats()["computed_fraction"] == pytest.approx(scheduled_fraction(opt, STEPS), rel=1e-9)
     assert not math.isclose(opt.stats()["computed_fraction"], 1.0)

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from profiling import BruteForce, dit, sampler, seeded_run
+from profiling import BruteForce, dit, sampler, scheduled_fraction, seeded_run
 
 import fxcache
 from fxcache.methods import FoCa, HyCa, TaylorSeer
@@ -176,24 +176,11 @@ def test_one_solver_everywhere_equals_that_predictors_plan(solver, plain):
 
 
 def test_computed_fraction_matches_the_schedule():
-    from fxcache.analysis.flops import matmul_flops
-    from fxcache.analysis.points import saved_flops
 
     model, smp = dit(), sampler("euler", steps=STEPS, cfg="separate")
     opt = fxcache.optimize(model, [3], sampler=smp, method=HyCa(interval=3), progress=False)
     seeded_run(opt, smp, 3)
-    gm = opt.traced.graph_module
-    by_key = {n.meta["fxcache"].key: n for n in gm.graph.nodes}
-    points = {p.key: p for p in opt.profile.cache_points}
-    full = sum(matmul_flops(n) for n in gm.graph.nodes)
-    executed = 0
-    for s in range(STEPS):
-        replaced = {}
-        for key in opt.plan.actions(s):
-            p = points[key]
-            replaced.update({by_key[n]: by_key[b] if b else None for n, b in zip(p.nodes, p.bases)})
-        executed += full - saved_flops(gm, replaced, flops=matmul_flops)
-    assert opt.stats()["computed_fraction"] == pytest.approx(executed / (STEPS * full), rel=1e-9)
+    assert opt.stats()["computed_fraction"] == pytest.approx(scheduled_fraction(opt, STEPS), rel=1e-9)
     assert opt.stats()["computed_fraction"] < 1.0
     pytest.importorskip("onnx")
     with pytest.raises(fxcache.ExportError, match="per-dimension coefficient vectors"):  # refused by name
