@@ -160,24 +160,18 @@ def test_sublayer_methods_match_their_eager_formula(method, interval, order, war
     assert stats["computed_fraction"] == pytest.approx(want_fraction, rel=1e-9)
 
 
-def test_delta_dit_matches_its_eager_formula():
-    model = dit()
-    smp = sampler("euler", steps=STEPS, cfg="none")
-    method = DeltaDiT(interval=2, boundary=0.5, blocks=1)
-    opt = fxcache.optimize(model, [3], sampler=smp, method=method, progress=False)
-    got = seeded_run(opt, smp, 3)
+def _block_reuse_reference(model, smp, reused) -> torch.Tensor:
+    """The eager run with hooks on every block: at the steps and blocks where ``reused(step, block index)`` the
+    block's output is its input + its residual from the last step that computed it."""
     state = {"call": -1, "res": {}}
-    n = len(model.transformer_blocks)
 
     def pre(mod, args):
         state["call"] += 1
 
     def block_hook(i):
         def hook(mod, args, kwargs, out):
-            s = state["call"]
             x = kwargs.get("hidden_states", args[0] if args else None)
-            chosen = n - 1 if s < STEPS // 2 else 0  # rear block early, front block late
-            if s % 2 == 1 and i == chosen:  # interval 2: computed at even steps
+            if reused(state["call"], i):
                 return x + state["res"][i]
             state["res"][i] = out - x
             return out
@@ -186,10 +180,21 @@ def test_delta_dit_matches_its_eager_formula():
     handles = [model.register_forward_pre_hook(pre)] + [
         b.register_forward_hook(block_hook(i), with_kwargs=True) for i, b in enumerate(model.transformer_blocks)]
     try:
-        want = seeded_run(model, smp, 3)
+        return seeded_run(model, smp, 3)
     finally:
         for h in handles:
             h.remove()
+
+
+def test_delta_dit_matches_its_eager_formula():
+    model = dit()
+    smp = sampler("euler", steps=STEPS, cfg="none")
+    method = DeltaDiT(interval=2, boundary=0.5, blocks=1)
+    opt = fxcache.optimize(model, [3], sampler=smp, method=method, progress=False)
+    got = seeded_run(opt, smp, 3)
+    n = len(model.transformer_blocks)
+    # interval 2: computed at even steps; the rear block early, the front block late
+    want = _block_reuse_reference(model, smp, lambda s, i: s % 2 == 1 and i == (n - 1 if s < STEPS // 2 else 0))
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
     block = next(p for p in opt.profile.cache_points if p.key == f"block:transformer_blocks.{n - 1}")
     want_fraction = 1 - (STEPS // 2) * _saved_matmul_flops(opt, block) / (STEPS * opt._full_flops)
@@ -204,29 +209,9 @@ def test_blockdance_matches_its_eager_formula():
     opt = fxcache.optimize(model, [3], sampler=smp, method=BlockDance(interval=3, start=0.4, blocks=2),
                            progress=False)
     got = seeded_run(opt, smp, 3)
-    state = {"call": -1, "res": {}}
     first = round(0.4 * STEPS)
-
-    def pre(mod, args):
-        state["call"] += 1
-
-    def block_hook(i):
-        def hook(mod, args, kwargs, out):
-            s = state["call"]
-            x = kwargs.get("hidden_states", args[0] if args else None)
-            if i < 2 and s >= first and (s - first) % 3 != 0:  # the front 2 blocks, late, 2 of every 3 steps
-                return x + state["res"][i]
-            state["res"][i] = out - x
-            return out
-        return hook
-
-    handles = [model.register_forward_pre_hook(pre)] + [
-        b.register_forward_hook(block_hook(i), with_kwargs=True) for i, b in enumerate(model.transformer_blocks)]
-    try:
-        want = seeded_run(model, smp, 3)
-    finally:
-        for h in handles:
-            h.remove()
+    # the front 2 blocks, late, 2 of every 3 steps
+    want = _block_reuse_reference(model, smp, lambda s, i: i < 2 and s >= first and (s - first) % 3 != 0)
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
     assert not torch.allclose(got, seeded_run(model, smp, 3), atol=1e-4)
     cached = sum(1 for s in range(STEPS) if s >= first and (s - first) % 3 != 0)
