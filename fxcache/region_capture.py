@@ -246,6 +246,15 @@ def _region_module_class(params: list[inspect.Parameter]) -> type:
 # the region
 
 
+def _span(paths: list[str]) -> str:
+    """``layers.0..25``, ``transformer_blocks.0..single_transformer_blocks.37`` across lists, or the one path."""
+    first, last = paths[0], paths[-1]
+    if len(paths) == 1:
+        return first
+    same = first.rsplit(".", 1)[0] == last.rsplit(".", 1)[0]
+    return f"{first}..{last.rsplit('.', 1)[-1] if same else last}"
+
+
 class _ChainBroken(Exception):
     pass
 
@@ -298,20 +307,12 @@ class Region:
 
     @property
     def lost(self) -> str:
-        others = "; ".join(f"{chain[0]}..{chain[-1].rsplit('.', 1)[-1]}" if len(chain) > 1 else chain[0]
-                           for chain in self.others)
+        others = "; ".join(_span(chain) for chain in self.others)
         return ("cache points outside the region (layer points of the code around it"
                 + (f", the block lists {others}" if others else "") + "), compiling that code, exported step engines")
 
-    @property
-    def span(self) -> str:
-        """``layers.0..25``, or ``transformer_blocks.0..single_transformer_blocks.37`` across lists."""
-        first, last = self.blocks[0], self.blocks[-1]
-        same = first.rsplit(".", 1)[0] == last.rsplit(".", 1)[0]
-        return f"{first}..{last.rsplit('.', 1)[-1] if same else last}"
-
     def describe(self) -> str:
-        span = self.span
+        span = _span(self.blocks)
         return (f"region capture ({span}: {len(self.blocks)} blocks, {100 * self.share:.0f} % of the FLOPs; the "
                 "forward around it runs as Python)")
 
