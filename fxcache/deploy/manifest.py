@@ -7,7 +7,8 @@ signature and the call the graphs are specialised on (shapes, dtypes, non-tensor
 ``dynamic_axes`` is empty); per step variant its file, its :class:`~fxcache.rewrite.Variant`, FLOPs, the graph's
 inputs/outputs in order (:mod:`fxcache.ir.names`) with the ONNX name, shape and dtype of each tensor, and the
 initializers it reads from the shared weights file; per step the variant it runs, the cache slots it reads (point,
-factor), the points it stores and the forecast coefficients; a gate's prefix cuts; and the size and SHA-256 of every
+factor), the points it stores and the forecast coefficients (HyCa's per solver: a feature dimension takes its
+cluster's row, ``plan.hybrid``); a gate's prefix cuts; and the size and SHA-256 of every
 file (checked when the directory is read).
 """
 

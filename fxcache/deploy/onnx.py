@@ -30,7 +30,8 @@ from fxcache.errors import ExportError, InputError
 from fxcache.ir import copy_graph_module
 from fxcache.ir.names import IO_META
 from fxcache.passes import DropNoopSqueezes, run_passes
-from fxcache.predictors import forecast_coefficients
+from fxcache.plan import HYBRID
+from fxcache.predictors import forecast_coefficients, hybrid_coefficients
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,6 @@ def _check_exportable(opt) -> None:
         raise ExportError(f"{type(opt.fxcache_model).__name__} was captured by regions ({region.describe()}): the "
                           "code of its forward around the region runs as Python and cannot be exported as a step "
                           "engine — make the model's whole forward exportable (the trace error names the line)")
-    if getattr(opt.plan, "hybrid", None) is not None:
-        raise ExportError(f"the plan's method {opt.plan.method} forecasts with per-dimension coefficient vectors "
-                          "(HyCa), which the exported step engines do not carry yet: export another method's plan")
     for policy in opt._policies:
         reason = policy.export_blocker
         if reason:
@@ -238,7 +236,9 @@ class _SharedWeights:
 
 def _schedule(program, ids: dict) -> list[dict]:
     """Per step: the variant the static plan runs, the cache slots it reads, what it stores, its forecast
-    coefficients (from the steps each read point was last stored at); steps a run-time policy decides name it."""
+    coefficients (from the steps each read point was last stored at; a HyCa ``"hyca"`` read's as ``{"per_solver":
+    [[c1, c2] per solver of plan.hybrid.solvers]}`` — feature dimension j takes the row of its cluster,
+    ``plan.hybrid.assign[point][j]``); steps a run-time policy decides name it."""
     plan = program.plan
     stored: dict[str, list[int]] = {}
     steps = []
@@ -256,7 +256,11 @@ def _schedule(program, ids: dict) -> list[dict]:
             if action in ("reuse", "tokens") or not history:
                 continue
             d = history[-1] - history[-2] if len(history) > 1 else 1
-            entry["coefficients"][k] = forecast_coefficients(action, s - history[-1], d)
+            if action == HYBRID:  # per dimension j: the row of its cluster's solver, plan.hybrid.assign[k][j]
+                entry["coefficients"][k] = {"per_solver": hybrid_coefficients(plan.hybrid.solvers, s - history[-1],
+                                                                              d)}
+            else:
+                entry["coefficients"][k] = forecast_coefficients(action, s - history[-1], d)
         for k in program.writes_of_step[s]:
             stored.setdefault(k, []).append(s)
         steps.append(entry)

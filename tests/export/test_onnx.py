@@ -66,9 +66,22 @@ def test_every_zoo_model_runs_the_same_plan_through_onnxruntime(name, tmp_path):
     ("flux", M.TeaCache(), "none"),                      # a gate whose cut holds a tuple (rotary cos, sin)
     ("dit", M.FasterCache(), "separate"),                # CFG cache (the FFT runs between the sessions)
     ("flux", M.Foresight(), "none"),                     # layer-adaptive: every reuse depth exported
+    ("flux", M.HyCa(interval=2, warmup=1), "none"),      # per-dimension coefficient vectors as inputs
+    ("dit", M.FreqCa(interval=2, warmup=1), "none"),     # FFT over the token grid inside the step graph
+    ("flux", M.SpeCa(), "none"),                         # speculative drafts verified between the sessions
+    ("flux", M.ClusCa(interval=2), "none"),              # cluster tokens computed fresh, the rest forecast
+    ("flux", M.DiCache(threshold=0.3), "none"),          # probe gate, trajectory-aligned residual mix
 ], ids=lambda v: type(v).__name__ if isinstance(v, M.Method) else v)
 def test_every_method_family_runs_the_same_plan_through_onnxruntime(name, method, cfg, tmp_path):
-    _export_and_compare(name, method, tmp_path, cfg=cfg, steps=8)
+    opt, _ = _export_and_compare(name, method, tmp_path, cfg=cfg, steps=8)
+    if isinstance(method, M.HyCa):  # the manifest carries what a runner needs to build the per-dimension vectors
+        manifest = _manifest(tmp_path / "out")
+        hybrid = manifest["plan"]["hybrid"]
+        reads = [(s["coefficients"][k], k) for s in manifest["steps"] for k, a in
+                 opt.plan.actions(s["step"]).items() if a == "hyca" and k in s["coefficients"]]
+        assert reads and all(len(c["per_solver"]) == len(hybrid["solvers"]) and all(len(r) == 2 for r in
+                                                                                      c["per_solver"])
+                             and len(hybrid["assign"][k]) > 1 for c, k in reads)
 
 
 def test_the_manifest_publishes_the_runtime_contract(flux_export):
