@@ -49,8 +49,9 @@ def optimize(model, calib_prompts: Sequence[Any], *, sampler=None, speedup: floa
     * ``method="auto"`` (default) searches plans (:mod:`fxcache.search`): give exactly one of ``speedup=`` (e.g.
       ``3.0``: a floor — the plan's computed fraction is at most 1/3 (+2 %), least measured error) or
       ``tolerance=`` (relative L2 distance of the final sample to the uncached one, mean over the calibration
-      prompts: the fastest plan within it). The chosen plan is validated by running it on the calibration prompts;
-      ``.search_report()`` shows predicted vs measured and why it was chosen. A ``speedup`` no plan reaches raises
+      prompts: the fastest plan within it). The chosen plan is validated by running it on the calibration prompts,
+      and the best few again on a second noise draw of each (seeds ``seed + n + i``) where the loop's noise follows
+      the seed; ``.search_report()`` shows predicted vs measured and why it was chosen. A ``speedup`` no plan reaches raises
       :class:`~fxcache.InputError` naming the fastest possible plan; an unreachable ``tolerance`` returns the
       uncached plan with a warning.
     * ``method=<a fxcache.methods method>`` uses that method (no target arguments). Whether the method applies to
@@ -99,8 +100,8 @@ def optimize(model, calib_prompts: Sequence[Any], *, sampler=None, speedup: floa
     if auto:
         from fxcache.search import search
 
-        def run(denoiser_, i):
-            return final_tensor(run_loop(model, calib_prompts[i], denoiser_, sampler=sampler,
+        def run(denoiser_, i):  # trajectory i: prompt i % n, seeded seed + i (the profile's runs are i < n)
+            return final_tensor(run_loop(model, calib_prompts[i % len(calib_prompts)], denoiser_, sampler=sampler,
                                          call_kwargs=call_kwargs, seed=seed + i), "the sampling loop's result")
 
         result = search(prof, run, len(calib_prompts), speedup=speedup, tolerance=tolerance, progress=progress)

@@ -21,9 +21,21 @@ Stages, top to bottom:
    of the log errors + their standard error, :func:`robust_error`), so a plan that is best on average but erratic
    across prompts loses to one that is consistently good; among near-equal scores (within :data:`NEAR_EQUAL`) the
    plan closest to the target (most computed work) wins. The report says why the plan was chosen.
+   Which scheduled candidates run is decided by predicted error within each granularity (its best
+   :data:`PER_GRANULARITY`, and the ``validate_top`` best overall): predicted errors are sums over a
+   granularity's points, so they rank plans of one granularity, not sub-layers against stacks.
+5. **racing** — three prompts cannot separate plans whose errors differ by less than their prompt-to-prompt
+   spread, and the best of many plans on them is the luckiest as much as the best (the winner's curse: the
+   finalists' errors on new noise are higher than on the prompts they were selected on). The :data:`FINALISTS`
+   best (robust score) are run again on :data:`DRAWS` − 1 more noise draws of every calibration prompt (the loop
+   run with seed ``seed + i`` for trajectory ``i``: prompt ``i % n``), and the choice among them is made on those
+   fresh trajectories alone — an unbiased comparison. A prompt whose second draw gives the same uncached sample
+   (its noise is fixed by the prompt, a ``generator=``) adds nothing and is not run again; without fresh
+   trajectories the first validation decides. The report's ``runs`` column says which trajectories scored a plan.
 
 ``tolerance`` mode walks speed targets from fast to slow and returns the fastest plan whose measured error meets
-it. Errors are the relative L2 distance of the final sample to the uncached one (mean over calibration prompts).
+it, confirmed on the fresh noise draws. Errors are the relative L2 distance of the final sample to the uncached
+one (mean over calibration prompts).
 """
 
 from __future__ import annotations
@@ -55,6 +67,11 @@ TOLERANCE_SPEEDUPS = (8.0, 6.0, 5.0, 4.0, 3.0, 2.5, 2.0, 1.5, 1.25)
 FLOOR_SLACK = 0.05
 #: measured errors within this relative distance of the best are near-equal (the plan closer to the target wins)
 NEAR_EQUAL = 0.05
+#: validated scheduled candidates: the best predicted of each granularity, and the best predicted overall
+PER_GRANULARITY = 2
+#: racing: the best-scored candidates after the first validation are run on this many noise draws in all
+FINALISTS, DRAWS = 4, 2
+_GRANULARITY_PREFIXES = ("layer ", "block ", "stack ")  # scheduled candidates' names begin with their granularity
 _ACTIONS = ("reuse", "taylor1", "taylor2", "ab2", "hermite", "foca")
 
 
@@ -67,9 +84,27 @@ class Candidate:
     measured: float = math.nan
     psnr: float = math.nan
     denoiser: OptimizedDenoiser | None = None
-    #: the measured error of each calibration prompt, and the robust score the choice uses (:func:`robust_error`)
+    #: the measured error (and PSNR) on each calibration prompt, and the robust score the choice uses
+    #: (:func:`robust_error`)
     per_prompt: tuple[float, ...] = ()
     robust: float = math.nan
+    psnrs: tuple[float, ...] = ()
+    #: a finalist's errors (and PSNRs) on further noise draws of the prompts; once there, ``measured``, ``psnr``
+    #: and ``robust`` are over these alone (the first validation's favour the plans it selected)
+    fresh: tuple[float, ...] = ()
+    fresh_psnrs: tuple[float, ...] = ()
+
+    def record(self, errors: Sequence[float], psnrs: Sequence[float], *, fresh: bool = False) -> None:
+        """Adds measured trajectories (``fresh``: further noise draws) and rescores: mean error, mean PSNR and robust
+        score over the fresh trajectories if any, else over the calibration prompts."""
+        if fresh:
+            self.fresh, self.fresh_psnrs = self.fresh + tuple(errors), self.fresh_psnrs + tuple(psnrs)
+        else:
+            self.per_prompt, self.psnrs = self.per_prompt + tuple(errors), self.psnrs + tuple(psnrs)
+        errs, ps = (self.fresh, self.fresh_psnrs) if self.fresh else (self.per_prompt, self.psnrs)
+        self.measured = float(np.mean(errs))
+        self.psnr = float(np.mean(ps))
+        self.robust = robust_error(errs)
 
 
 @dataclasses.dataclass
@@ -87,11 +122,15 @@ class SearchResult:
                       f"{1 / self.target_fraction:.3g}; {FLOOR_SLACK:.0%} slack allowed)")
         lines = [f"fxcache plan search: {len(self.candidates)} candidates validated" + target
                  + (f", tolerance (rel. L2) {self.tolerance:g}" if self.tolerance is not None else ""),
-                 f"{'candidate':<44} {'fraction':>8} {'predicted':>10} {'measured':>9} {'robust':>9} {'PSNR':>7}"]
-        for c in sorted(self.candidates, key=lambda c: (math.isnan(c.robust), c.robust, c.measured, c.fraction)):
+                 (f"{'candidate':<44} {'fraction':>8} {'predicted':>10} {'measured':>9} {'robust':>9} {'PSNR':>7} "
+                  f"{'runs':>4}")]
+        # finalists first: their scores are over the fresh noise draws ("runs" 3+3: scored on the 3 after the +)
+        for c in sorted(self.candidates, key=lambda c: (not c.fresh, math.isnan(c.robust), c.robust, c.measured,
+                                                        c.fraction)):
             mark = " <- chosen" if c is self.best else ""
+            runs = f"{len(c.per_prompt)}+{len(c.fresh)}" if c.fresh else f"{len(c.per_prompt)}"
             lines.append(f"{c.name[:44]:<44} {c.fraction:>8.3f} {c.predicted:>10.4g} {c.measured:>9.4g} "
-                         f"{c.robust:>9.4g} {c.psnr:>7.2f}{mark}")
+                         f"{c.robust:>9.4g} {c.psnr:>7.2f} {runs:>4}{mark}")
         if self.reason:
             lines += ["", f"why: {self.reason}"]
         return "\n".join(lines)
@@ -195,26 +234,48 @@ def _predictor_scale(prof: Profile, key: str, action: str, k: int, d: int, s: in
 
 
 class _Validator:
-    """Runs a denoiser through the calibration loops and compares final samples with the uncached ones."""
+    """Runs a denoiser through the calibration loops and compares final samples with the uncached ones.
+    Trajectory ``i`` is ``run_loop(denoiser, i)``: prompt ``i % n`` on noise draw ``i // n``; draw 0 is the
+    calibration run, further draws' references are made on first use (:meth:`extra`)."""
 
     def __init__(self, run_loop: Callable[[Any, int], torch.Tensor], num_prompts: int, reference: Any):
         self.run_loop = run_loop
         self.n = num_prompts
+        self.reference = reference
         with torch.no_grad():
-            self.refs = [run_loop(reference, i).double() for i in range(num_prompts)]
+            self.refs = {i: run_loop(reference, i).double() for i in range(num_prompts)}
+        self._extra: list[int] | None = None
 
-    def __call__(self, denoiser) -> tuple[list[float], float, float]:
-        """``(per-prompt errors, mean PSNR, mean computed fraction)``."""
+    def extra(self, draws: int) -> list[int]:
+        """The trajectories of draws 1 … ``draws`` − 1 whose uncached sample differs from the prompt's draw 0 (a
+        prompt whose noise does not follow the seed gives the same sample again: no new information)."""
+        if self._extra is None:
+            self._extra = []
+            with torch.no_grad():
+                for i in range(self.n, self.n * max(1, draws)):
+                    ref = self.run_loop(self.reference, i).double()
+                    if not torch.equal(ref, self.refs[i % self.n]):
+                        self.refs[i] = ref
+                        self._extra.append(i)
+            if not self._extra and draws > 1:
+                log.info("the calibration loop's noise does not follow the seed (the prompts fix it): the finalists "
+                         "are validated on the calibration prompts only")
+        return self._extra
+
+    def __call__(self, denoiser, trajectories: Sequence[int] | None = None) -> tuple[list[float], list[float],
+                                                                                      list[float]]:
+        """Per trajectory (default: the calibration prompts): ``(errors, PSNRs, computed fractions)``."""
         errs, psnrs, fracs = [], [], []
         with torch.no_grad():
-            for i, ref in enumerate(self.refs):
+            for i in (range(self.n) if trajectories is None else trajectories):
+                ref = self.refs[i]
                 got = self.run_loop(denoiser, i).double()
                 errs.append(float((got - ref).norm() / ref.norm().clamp_min(1e-30)))
                 mse = float((got - ref).pow(2).mean())
                 peak = float(ref.max() - ref.min()) or 1.0
                 psnrs.append(10 * math.log10(peak ** 2 / mse) if mse > 0 else math.inf)
                 fracs.append(denoiser.stats()["computed_fraction"])
-        return errs, float(np.mean(psnrs)), float(np.mean(fracs))
+        return errs, psnrs, fracs
 
 
 def robust_error(errors: Sequence[float]) -> float:
@@ -237,7 +298,8 @@ def search(prof: Profile, run_loop: Callable[[Any, int], torch.Tensor], num_prom
            speedup: float | None = None, tolerance: float | None = None, validate_top: int = 6,
            progress: bool = False) -> SearchResult:
     """Search plans for ``prof``'s model (see the module docstring). ``run_loop(denoiser, i)`` runs calibration
-    prompt ``i`` with ``denoiser`` and returns the final sample."""
+    prompt ``i % num_prompts`` with ``denoiser`` on noise draw ``i // num_prompts`` (``i`` < ``num_prompts``: the
+    calibration runs themselves) and returns the final sample."""
     if (speedup is None) == (tolerance is None):
         raise InputError("give exactly one of speedup= (e.g. 3.0) and tolerance= (relative L2 of the final sample)")
     if speedup is not None and not speedup >= 1.0:
@@ -318,23 +380,40 @@ def search(prof: Profile, run_loop: Callable[[Any, int], torch.Tensor], num_prom
     bar = _Bar(progress)
 
     def validate(cands: list[Candidate]) -> None:
-        library = [c for c in cands if not c.name.startswith(("layer ", "block ", "stack "))]
-        ranked = sorted((c for c in cands if c not in library), key=lambda c: c.predicted)[:validate_top]
+        library = [c for c in cands if not c.name.startswith(_GRANULARITY_PREFIXES)]
+        scheduled = sorted((c for c in cands if c not in library), key=lambda c: c.predicted)
+        ranked = scheduled[:validate_top]
+        for prefix in _GRANULARITY_PREFIXES:  # predicted errors rank plans within one granularity
+            ranked += [c for c in scheduled if c.name.startswith(prefix)][:PER_GRANULARITY]
         todo = [c for c in dict.fromkeys(library + ranked) if math.isnan(c.measured)]
         bar.grow(len(todo))
         for c in todo:
             bar.step(c.name)
-            errs, c.psnr, _ = validator(c.denoiser)
-            c.per_prompt, c.measured, c.robust = tuple(errs), float(np.mean(errs)), robust_error(errs)
+            errs, psnrs, _ = validator(c.denoiser)
+            c.record(errs, psnrs)
+
+    def race(cands: list[Candidate]) -> bool:
+        """Runs ``cands`` on the further noise draws (once each), which then score them; False when no draw adds a
+        trajectory."""
+        extra = validator.extra(DRAWS)
+        if not extra:
+            return False
+        todo = [c for c in cands if not c.fresh]
+        bar.grow(len(todo))
+        for c in todo:
+            bar.step(f"{c.name} (more draws)")
+            errs, psnrs, _ = validator(c.denoiser, extra)
+            c.record(errs, psnrs, fresh=True)
+        return True
 
     try:
-        return _run(speedup, tolerance, prof, for_target, fastest, validate, build)
+        return _run(speedup, tolerance, prof, for_target, fastest, validate, race, build)
     finally:
         bar.close()
 
 
-def _run(speedup, tolerance, prof, for_target, fastest, validate, build) -> SearchResult:
-    """The target logic of :func:`search` (candidates → validation → choice)."""
+def _run(speedup, tolerance, prof, for_target, fastest, validate, race, build) -> SearchResult:
+    """The target logic of :func:`search` (candidates → validation → racing → choice)."""
     if speedup is not None:
         target = 1.0 / speedup
         cands = for_target(target)
@@ -350,7 +429,13 @@ def _run(speedup, tolerance, prof, for_target, fastest, validate, build) -> Sear
         if not measured:
             raise InputError(f"every candidate plan for speedup {speedup:g} produced a non-finite final sample on the "
                              "calibration prompts; check the model and sampler (the uncached run was finite)")
-        best, reason = _choose(measured, target)
+        finalists = sorted(measured, key=lambda c: (c.robust, c.measured, -c.fraction))[:FINALISTS]
+        raced = len(measured) > 1 and race(finalists)
+        pool = [c for c in finalists if np.isfinite(c.measured)] if raced else measured
+        best, reason = _choose(pool or measured, target)
+        if raced:
+            reason += (f" — scored on {len(best.fresh)} fresh trajectories (further noise draws of the calibration "
+                       f"prompts), among the {len(finalists)} best of the first validation")
         return SearchResult(best, measured, target, None, reason)
 
     tried: list[Candidate] = []
@@ -361,12 +446,17 @@ def _run(speedup, tolerance, prof, for_target, fastest, validate, build) -> Sear
         validate(cands)
         measured = [c for c in cands if np.isfinite(c.measured)]
         tried += [c for c in measured if c not in tried]
-        ok = [c for c in measured if c.measured <= tolerance]
-        if ok:
-            best = min(ok, key=lambda c: (c.fraction, c.measured))
+        for best in sorted((c for c in measured if c.measured <= tolerance), key=lambda c: (c.fraction, c.measured)):
+            raced = race([best])  # confirmed on the further noise draws, when they add trajectories
+            if not best.measured <= tolerance:  # on the fresh draws when raced; NaN too
+                log.info("%s met the tolerance on the calibration prompts but not on further noise draws (%.4g)",
+                         best.name, best.measured)
+                continue
             tried_speedups = ", ".join(f"{x:g}" for x in TOLERANCE_SPEEDUPS[:TOLERANCE_SPEEDUPS.index(s) + 1])
             reason = (f"the fastest validated plan whose measured error {best.measured:.4g} is within the tolerance "
-                      f"{tolerance:g} (speedups tried, fastest first: {tried_speedups})")
+                      f"{tolerance:g} (speedups tried, fastest first: {tried_speedups})"
+                      + (f", confirmed on {len(best.fresh)} fresh trajectories (further noise draws of the "
+                         "calibration prompts)" if raced else ""))
             return SearchResult(best, tried, None, tolerance, reason)
     full = build("full", Plan(prof.fingerprint, prof.num_steps, [{} for _ in range(prof.num_steps)],
                               method="Full", timesteps=list(prof.timesteps)))

@@ -7,7 +7,17 @@ import torch
 
 import fxcache
 from fxcache.methods import FORA, PlanContext, Scheduled
-from fxcache.search import FLOOR_SLACK, NEAR_EQUAL, Candidate, _choose, robust_error
+from fxcache.search import (
+    DRAWS,
+    FINALISTS,
+    FLOOR_SLACK,
+    NEAR_EQUAL,
+    PER_GRANULARITY,
+    Candidate,
+    _choose,
+    _run,
+    robust_error,
+)
 from fxcache.testing.digits import digits_model, digits_sampler
 
 pytest.importorskip("diffusers")
@@ -22,8 +32,20 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def auto3(model):
-    return fxcache.optimize(model, CALIB, sampler=digits_sampler(steps=STEPS), speedup=3.0, progress=False)
+def calib_profile(model):
+    """The profile optimize(method="auto") makes on CALIB (sensitivity 8), made once for the tests that search."""
+    return fxcache.profile(model, CALIB, sampler=digits_sampler(steps=STEPS), sensitivity=8, progress=False)
+
+
+@pytest.fixture(scope="module")
+def one_prompt_profile(model):
+    return fxcache.profile(model, CALIB[:1], sampler=digits_sampler(steps=STEPS), sensitivity=4, progress=False)
+
+
+@pytest.fixture(scope="module")
+def auto3(model, calib_profile):
+    return fxcache.optimize(model, CALIB, sampler=digits_sampler(steps=STEPS), speedup=3.0, progress=False,
+                            profile=calib_profile)
 
 
 def test_speedup_target_is_met_and_the_choice_is_the_best_measured(auto3):
@@ -51,19 +73,20 @@ def test_search_beats_the_single_methods_it_measured(auto3):
     assert all(result.best.psnr >= c.psnr for c in library)
 
 
-def test_tolerance_returns_the_fastest_plan_within_it(model):
-    opt = fxcache.optimize(model, CALIB, sampler=digits_sampler(steps=STEPS), tolerance=0.05, progress=False)
+def test_tolerance_returns_the_fastest_plan_within_it(model, calib_profile):
+    opt = fxcache.optimize(model, CALIB, sampler=digits_sampler(steps=STEPS), tolerance=0.05, progress=False,
+                           profile=calib_profile)
     best = opt.search.best
     assert best.measured <= 0.05 and best.fraction < 1.0
     faster_ok = [c for c in opt.search.candidates if c.fraction < best.fraction * 0.95 and c.measured <= 0.05]
     assert not faster_ok
 
 
-def test_a_target_between_uniform_schedules_gets_the_best_faster_plan(model):
+def test_a_target_between_uniform_schedules_gets_the_best_faster_plan(model, calib_profile):
     """Uniform schedules land at fractions around the target but none within ±5 % of it: the search must still
     return a plan — the best one at least as fast as asked — and say why it chose it."""
     sampler = digits_sampler(steps=STEPS)
-    prof = fxcache.profile(model, CALIB, sampler=sampler, sensitivity=4, progress=False)
+    prof = calib_profile
     ctx = PlanContext(prof.fingerprint, prof.num_steps, prof.cache_points, prof.timesteps, prof)
     points = prof.cache_points + prof.signal_points
 
@@ -111,13 +134,76 @@ def test_the_choice_prefers_consistent_errors_across_prompts():
     assert robust_error((0.01, float("nan"))) != robust_error((0.01, float("nan")))  # NaN: never chosen
 
 
-def test_unreachable_targets(model, caplog):
+def test_finalists_are_raced_on_further_noise_draws(model):
+    """Prompts whose noise follows the seed (labels, no seed of their own): the best few after the first validation
+    run again on a second noise draw of every prompt, and the choice among them is made on those fresh trajectories
+    alone (the first validation's scores favour the plans it selected)."""
+    sampler = digits_sampler(steps=STEPS)
+    opt = fxcache.optimize(model, [1, 4, 7], sampler=sampler, speedup=3.0, progress=False, seed=20)
+    result, n = opt.search, 3
+    finalists = [c for c in result.candidates if c.fresh]
+    assert len(finalists) == min(FINALISTS, len(result.candidates)) and result.best in finalists
+    assert all(len(c.fresh) == (DRAWS - 1) * n and len(c.per_prompt) == n for c in finalists)
+    first = {c: robust_error(c.per_prompt) for c in result.candidates}  # the first validation's scores
+    assert max(first[c] for c in finalists) <= min(first[c] for c in result.candidates if c not in finalists)
+    assert all(c.robust == pytest.approx(robust_error(c.fresh)) for c in finalists)  # scored on fresh draws alone
+    assert result.best.robust <= min(c.robust for c in finalists) * (1 + NEAR_EQUAL)
+    assert result.best.fresh != result.best.per_prompt  # other noise, other errors
+    # fresh trajectory j is prompt j on seed 20 + n + j: the chosen plan's error there is reproducible by hand
+    from fxcache.loops import run_loop
+
+    with torch.no_grad():
+        reference = run_loop(model, 4, opt.profile.traced, sampler=sampler, seed=20 + n + 1)
+        opt.reset()
+        got = run_loop(model, 4, opt, sampler=sampler, seed=20 + n + 1)
+    assert float((got - reference).norm() / reference.norm()) == pytest.approx(result.best.fresh[1], rel=1e-6)
+    report = opt.search_report()
+    assert f"{n}+{(DRAWS - 1) * n}" in report and f"{(DRAWS - 1) * n} fresh trajectories" in report.split("why:")[1]
+    # every granularity's best-predicted scheduled plans were run, not only the coarsest's
+    for gran in ("layer", "block", "stack"):
+        assert sum(c.name.startswith(gran + " ") for c in result.candidates) >= PER_GRANULARITY
+
+
+def test_prompts_with_their_own_noise_are_not_raced(auto3, caplog):
+    """The digits prompts fix their noise (``seed`` in the prompt): a second draw is the same sample — no
+    information, no extra runs."""
+    assert all(len(c.per_prompt) == len(CALIB) and not c.fresh for c in auto3.search.candidates)
+    assert "trajectories" not in auto3.search.reason
+
+
+def test_tolerance_is_confirmed_on_further_draws():
+    """A plan that meets the tolerance on the calibration prompts but not on the further draws is passed over for
+    the next fastest that holds on all of them."""
+    def cand(name, fraction, first, more):
+        c = Candidate(name, plan=None, fraction=fraction)
+        c.more = more
+        c.record(first, [30.0] * len(first))
+        return c
+
+    lucky = cand("lucky", 0.2, (0.01, 0.02, 0.03), (0.2, 0.3, 0.2))
+    steady = cand("steady", 0.3, (0.03, 0.04, 0.03), (0.04, 0.03, 0.04))
+    raced = []
+
+    def race(cands):
+        for c in cands:
+            raced.append(c.name)
+            c.record(c.more, [20.0] * 3, fresh=True)
+        return True
+
+    result = _run(None, 0.05, None, lambda fraction: [lucky, steady], None, lambda cands: None, race, None)
+    assert result.best is steady and raced == ["lucky", "steady"]
+    assert lucky.measured == pytest.approx(sum(lucky.more) / 3)  # judged on the fresh draws
+    assert steady.measured <= 0.05 and "confirmed on 3 fresh trajectories" in result.reason
+
+
+def test_unreachable_targets(model, one_prompt_profile, caplog):
     sampler = digits_sampler(steps=STEPS)
     with pytest.raises(fxcache.InputError, match=r"no plan reaches speedup 50 .*the fastest plan fxcache can build "
                                                  r"here \(.*\) computes 0\.\d+ of the work"):
-        fxcache.optimize(model, CALIB[:1], sampler=sampler, speedup=50.0, progress=False)
+        fxcache.optimize(model, CALIB[:1], sampler=sampler, speedup=50.0, progress=False, profile=one_prompt_profile)
     with caplog.at_level(logging.WARNING):
-        opt = fxcache.optimize(model, CALIB[:1], sampler=sampler, tolerance=1e-9, progress=False)
+        opt = fxcache.optimize(model, CALIB[:1], sampler=sampler, tolerance=1e-9, progress=False,
+                               profile=one_prompt_profile)
     assert opt.search.best.fraction == 1.0 and "no plan meets tolerance" in caplog.text
 
 
@@ -172,7 +258,7 @@ def test_cli_demo_runs_the_whole_flow(tmp_path, caplog):
     assert "held-out PSNR through onnxruntime" in caplog.text  # --export: the plan served by onnxruntime
 
 
-def test_a_composed_plan_minimises_the_predicted_error(model):
+def test_a_composed_plan_minimises_the_predicted_error(model, one_prompt_profile):
     """The dynamic program's plan (full steps + an action per cached point and step) has the least predicted error
     of every plan with as many full steps and the same forced warm-up — checked against the scheduled candidates
     and random full-step sets, each with every single action."""
@@ -180,7 +266,7 @@ def test_a_composed_plan_minimises_the_predicted_error(model):
 
     from fxcache.search import _ACTIONS, _compose, _granularities, _placements, _predict, _scheduled, _step_weights
 
-    prof = fxcache.profile(model, CALIB[:1], sampler=digits_sampler(steps=STEPS), sensitivity=4, progress=False)
+    prof = one_prompt_profile
     ctx = PlanContext(prof.fingerprint, prof.num_steps, prof.cache_points, prof.timesteps, prof)
     rng = random.Random(0)
     mixed = False
