@@ -19,8 +19,8 @@ Stages, top to bottom:
 
 1. **reference** — the uncached sampling loop on the held-out prompts (labels 0–9, seeds never used in calibration);
    its executed FLOPs.
-2. **configurations** — fxcache's ``optimize(speedup=s)`` for each target ``s`` (calibrated on 3 other prompts
-   and seeds); every fxcache method over a sweep of its interval or threshold; diffusers' hooks
+2. **configurations** — fxcache's ``optimize(speedup=s)`` for each target ``s`` (calibrated on 3 other prompts:
+   labels 1, 4, 7 with seeds 100–102; its search's finalists also run a second noise draw of each, seeds 103–105); every fxcache method over a sweep of its interval or threshold; diffusers' hooks
    (``FirstBlockCacheConfig``, ``TaylorSeerCacheConfig``, ``MagCacheConfig`` with ratios from its own ``calibrate=True``
    run); cache-dit (``DBCache`` F1B0, ``DBCache`` + ``TaylorSeer`` order 1 and ``DBCache`` + its ``FoCa``
    calibrator, each with a static ``steps_computation_mask`` for every number of full steps). A peer that refuses
@@ -33,6 +33,8 @@ Stages, top to bottom:
 4. **select** — for each speedup target ``s`` and each family, the configuration with the best mean PSNR among those
    whose computed fraction is at most ``1.05 / s`` (the budget fxcache's search gets). Peers are thus chosen
    *on the held-out prompts* (an oracle choice in their favour); fxcache's plan is chosen on the calibration prompts.
+   A second table chooses every family on the calibration trajectories instead — the same six (3 prompts × 2 noise
+   draws) that fxcache's search may use — the symmetric protocol.
 5. **write** — ``quality_<model>.json`` (every configuration, every prompt), ``quality_<model>.md`` (the table) and
    ``quality_<model>.png`` (PSNR vs. speedup), under ``--out``, each written atomically.
 
@@ -63,6 +65,7 @@ import torch
 import fxcache
 from fxcache import methods as M
 from fxcache.analysis.flops import count_flops
+from fxcache.search import DRAWS
 from fxcache.testing import digits
 from fxcache.testing.peers import CacheContexts
 
@@ -71,7 +74,10 @@ from common import HelpFormatter, positive_int
 
 log = logging.getLogger("quality")
 
-CALIB = [{"label": c, "seed": 100 + c} for c in (1, 4, 7)]  # as `fxcache demo`; --calib N: labels 0..N-1 instead
+#: calibration prompts (--calib N: labels 0..N-1 instead); their noise comes from torch's global generator, seeded
+#: CALIB_SEED + i for calibration trajectory i (prompt i % len(CALIB)), as fxcache.optimize(seed=CALIB_SEED) does
+CALIB = [{"label": c} for c in (1, 4, 7)]
+CALIB_SEED = 100
 BUDGET = 1.05  # a configuration may compute up to 5 % more than 1/speedup, as fxcache's search target allows
 
 
@@ -108,7 +114,8 @@ def fxcache_configs(model, sampler, prof, speedups, quick: bool, only: list[str]
     out = []
     for s in speedups:
         def enter(s=s):
-            return fxcache.optimize(model, CALIB, sampler=sampler, speedup=s, profile=prof, progress=False)
+            return fxcache.optimize(model, CALIB, sampler=sampler, speedup=s, profile=prof, progress=False,
+                                    seed=CALIB_SEED)
         out.append(Config("fxcache auto", f"optimize(speedup={s:g})", enter, reset=lambda d: d.reset()))
     intervals = (2, 3, 4, 6) if quick else (2, 3, 4, 5, 6, 7, 8)
     thresholds = (0.05, 0.2, 0.8) if quick else (0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
@@ -130,7 +137,8 @@ def fxcache_configs(model, sampler, prof, speedups, quick: bool, only: list[str]
             continue
 
         def enter(method=method):
-            return fxcache.optimize(model, CALIB, sampler=sampler, method=method, profile=prof, progress=False)
+            return fxcache.optimize(model, CALIB, sampler=sampler, method=method, profile=prof, progress=False,
+                                    seed=CALIB_SEED)
         out.append(Config(f"fxcache {type(method).__name__}", repr(method), enter, reset=lambda d: d.reset()))
     return out
 
@@ -184,6 +192,7 @@ def _mag_ratios(model, steps: int, sampler) -> list[float]:
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed), torch.no_grad():
+            torch.manual_seed(CALIB_SEED)
             sampler(CacheContexts(model), CALIB[0])
     finally:
         model.disable_cache()
@@ -237,8 +246,9 @@ def _describe(error: Exception) -> str:
 
 
 def run_config(config: Config, sampler, prompts, refs, full_flops: int, calib=None) -> dict[str, Any]:
-    """One configuration on the held-out ``prompts`` (and, with ``calib=(prompts, refs)``, on the calibration
-    prompts: ``row["calib"]`` — what the symmetric protocol chooses on)."""
+    """One configuration on the held-out ``prompts`` (and, with ``calib=(trajectories, refs)``, on the calibration
+    trajectories — ``(prompt, seed)`` pairs, the seed set in torch's global generator first: ``row["calib"]`` — what
+    the symmetric protocol chooses on)."""
     row: dict[str, Any] = {"family": config.family, "label": config.label}
     start = time.perf_counter()
     try:
@@ -264,8 +274,9 @@ def run_config(config: Config, sampler, prompts, refs, full_flops: int, calib=No
             per_prompt.append({**metrics(got, ref), "fraction": fraction})
         if calib is not None:
             seen = []
-            for prompt, ref in zip(*calib):
+            for (prompt, seed), ref in zip(*calib):
                 config.reset(denoiser)
+                torch.manual_seed(seed)
                 got, flops = count_flops(sampler, denoiser, prompt)
                 seen.append({**metrics(got, ref), "fraction": flops / full_flops})
             row["calib"] = {key: float(np.mean([p[key] for p in seen])) for key in ("psnr", "fraction")}
@@ -332,9 +343,10 @@ def markdown(table, rows, args, machine: str, symmetric=None) -> str:
             lines.append(f"fxcache auto at {s}: plan \"{r.get('plan', '?')}\", SSIM {r['ssim']:.4f}, rel. L2 "
                          f"{r['rel_l2']:.4f}, min PSNR {r['psnr_min']:.2f} dB.")
     if symmetric is not None:
-        about = (f"Symmetric protocol: every family's configuration chosen on the {len(CALIB)} calibration prompts "
-                 "(best mean PSNR there within the budget, as fxcache's search chooses), reported on the held-out "
-                 "prompts (held-out PSNR, dB; its held-out fraction in brackets).")
+        about = (f"Symmetric protocol: every family's configuration chosen on the {len(CALIB)} calibration prompts × "
+                 f"{DRAWS} noise draws that fxcache's search may use (best mean PSNR there within the budget, as "
+                 "fxcache's search chooses), reported on the held-out prompts (held-out PSNR, dB; its held-out "
+                 "fraction in brackets).")
         lines += ["", about, "", "| family | " + " | ".join(speedups) + " |", "|---|" + "---|" * len(speedups)]
         for fam in families:
             cells = [f"{r['psnr']:.2f} ({r['fraction']:.3f})" if (r := symmetric[s][fam]) else "—"
@@ -410,15 +422,16 @@ def main(argv: list[str] | None = None) -> int:
 
     global CALIB
     if args.calib != 3:
-        CALIB = [{"label": c % 10, "seed": 100 + c} for c in range(args.calib)]
-    prof = fxcache.profile(model, CALIB, sampler=sampler, progress=False)
+        CALIB = [{"label": c % 10} for c in range(args.calib)]
+    prof = fxcache.profile(model, CALIB, sampler=sampler, progress=False, seed=CALIB_SEED)
     configs = fxcache_configs(model, sampler, prof, args.speedups, args.quick, args.methods)
     if "diffusers" in args.peers:
         configs += diffusers_configs(model, args.steps, sampler, args.quick)
     if "cache-dit" in args.peers:
         configs += cache_dit_configs(model, args.steps, args.quick)
     log.info("%d configurations", len(configs))
-    calib = (CALIB, [sampler(model, p) for p in CALIB])
+    trajectories = [(CALIB[i % len(CALIB)], CALIB_SEED + i) for i in range(len(CALIB) * DRAWS)]
+    calib = (trajectories, [(torch.manual_seed(seed), sampler(model, p))[1] for p, seed in trajectories])
     rows = []
     for config in configs:
         rows.append(run_config(config, sampler, prompts, refs, full_flops, calib))
@@ -429,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     stem = os.path.join(args.out, f"quality_{args.model}")
     result = {"command": "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "machine": machine, "model": args.model, "steps": args.steps, "prompts": prompts,
-              "calibration_prompts": CALIB, "budget": BUDGET, "uncached_flops": full_flops,
+              "calibration_prompts": CALIB, "calibration_seeds": [seed for _, seed in trajectories],
+              "budget": BUDGET, "uncached_flops": full_flops,
               "selected": {s: {f: (r["label"] if r else None) for f, r in t.items()} for s, t in table.items()},
               "selected_on_calibration": {s: {f: (r["label"] if r else None) for f, r in t.items()}
                                           for s, t in symmetric.items()},

@@ -87,6 +87,10 @@ def _check_quality(out: pathlib.Path, argv: list[str]) -> None:
     assert {f"fxcache {m}" for m in _values(argv, "--methods", [])} <= families
     auto = next(r for r in result["rows"] if r["family"] == "fxcache auto")
     assert abs(auto["fraction"] - auto["fxcache_computed_fraction"]) < 1e-6  # fxcache's own count = FLOP counter
+    # the symmetric protocol chooses on the trajectories fxcache's search may race on: every prompt on DRAWS seeds
+    from fxcache.search import DRAWS
+
+    assert len(set(result["calibration_seeds"])) == DRAWS * len(result["calibration_prompts"])
     assert path.with_suffix(".md").read_text().startswith("Held-out PSNR")
     assert path.with_suffix(".png").stat().st_size > 10_000
 
