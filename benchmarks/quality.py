@@ -20,10 +20,12 @@ Stages, top to bottom:
 1. **reference** — the uncached sampling loop on the held-out prompts (labels 0–9, seeds never used in calibration);
    its executed FLOPs.
 2. **configurations** — fxcache's ``optimize(speedup=s)`` for each target ``s`` (calibrated on 3 other prompts:
-   labels 1, 4, 7 with seeds 100–102; its search's finalists also run a second noise draw of each, seeds 103–105); every fxcache method over a sweep of its interval or threshold; diffusers' hooks
+   labels 1, 4, 7 with seeds 100–102; its search's finalists also run a second noise draw of each, seeds 103–105);
+   every fxcache method over a sweep of its interval or threshold; diffusers' hooks
    (``FirstBlockCacheConfig``, ``TaylorSeerCacheConfig``, ``MagCacheConfig`` with ratios from its own ``calibrate=True``
    run); cache-dit (``DBCache`` F1B0, ``DBCache`` + ``TaylorSeer`` order 1 and ``DBCache`` + its ``FoCa``
-   calibrator, each with a static ``steps_computation_mask`` for every number of full steps). A peer that refuses
+   calibrator, each with a static ``steps_computation_mask`` for every number of full steps up to
+   ``--peer-full`` of them, 60 % by default). A peer that refuses
    the model is recorded with its error.
 3. **run** — every configuration on every held-out prompt. *Computed work* is measured the same way for everyone:
    FLOPs of the matrix products and attention executed by the whole sampling run (``torch.utils.flop_counter``),
@@ -202,12 +204,12 @@ def _mag_ratios(model, steps: int, sampler) -> list[float]:
     return [float(x) for x in found[0].split(",")]  # the conditional branch's
 
 
-def cache_dit_configs(model, steps: int, quick: bool) -> list[Config]:
+def cache_dit_configs(model, steps: int, quick: bool, up_to: float = 0.6) -> list[Config]:
     import cache_dit
     from cache_dit import DBCacheConfig, FoCaCalibratorConfig, TaylorSeerCalibratorConfig
 
     out = []
-    fulls = [k for k in (2, 4, 7, 10) if k <= steps] if quick else range(1, (steps * 3) // 5 + 1)  # to 60 % full
+    fulls = [k for k in (2, 4, 7, 10) if k <= steps] if quick else range(1, int(steps * up_to + 1e-9) + 1)
     calibrators = {"": None, "+TaylorSeer": lambda: TaylorSeerCalibratorConfig(taylorseer_order=1),
                    "+FoCa": FoCaCalibratorConfig}
     for suffix, calibrator in calibrators.items():
@@ -402,12 +404,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="peer libraries to compare (none: give the option with no value)")
     parser.add_argument("--quick", action="store_true", help="shorter sweeps (see above); nothing else changes")
     parser.add_argument("--methods", nargs="*", help="only these fxcache methods (class names); unset: all")
+    parser.add_argument("--peer-full", type=float, default=0.6, metavar="FRACTION",
+                        help="cache-dit's mask sweep: every number of full steps up to this fraction of the steps "
+                             "(raise it to compare at higher quality)")
     parser.add_argument("--calib", type=positive_int, default=3,
                         help="calibration prompts (seeds 100+, never held out)")
     parser.add_argument("--out", default=os.path.join("out", "quality"),
                         help="output directory, created (relative to the current directory); "
                              "--out benchmarks/results replaces the tracked results")
     args = parser.parse_args(argv)
+    if not 0 < args.peer_full <= 1:
+        parser.error(f"--peer-full must be in (0, 1], got {args.peer_full}")
     os.makedirs(args.out, exist_ok=True)  # before the run: a bad --out fails now, not after it
     torch.set_grad_enabled(False)
     start = time.time()
@@ -428,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     if "diffusers" in args.peers:
         configs += diffusers_configs(model, args.steps, sampler, args.quick)
     if "cache-dit" in args.peers:
-        configs += cache_dit_configs(model, args.steps, args.quick)
+        configs += cache_dit_configs(model, args.steps, args.quick, args.peer_full)
     log.info("%d configurations", len(configs))
     trajectories = [(CALIB[i % len(CALIB)], CALIB_SEED + i) for i in range(len(CALIB) * DRAWS)]
     calib = (trajectories, [(torch.manual_seed(seed), sampler(model, p))[1] for p, seed in trajectories])

@@ -181,7 +181,4 @@ def test_computed_fraction_matches_the_schedule():
     opt = fxcache.optimize(model, [3], sampler=smp, method=HyCa(interval=3), progress=False)
     seeded_run(opt, smp, 3)
     assert opt.stats()["computed_fraction"] == pytest.approx(scheduled_fraction(opt, STEPS), rel=1e-9)
-    assert opt.stats()["computed_fraction"] < 1.0
-    pytest.importorskip("onnx")
-    with pytest.raises(fxcache.ExportError, match="per-dimension coefficient vectors"):  # refused by name
-        fxcache.export(opt, "unused-directory")
+    assert opt.stats()["computed_fraction"] < 1.0  # (exported engines: tests/export/test_onnx.py, parity)
