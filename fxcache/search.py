@@ -431,8 +431,15 @@ def _run(speedup, tolerance, prof, for_target, fastest, validate, race, build) -
                              "calibration prompts; check the model and sampler (the uncached run was finite)")
         finalists = sorted(measured, key=lambda c: (c.robust, c.measured, -c.fraction))[:FINALISTS]
         raced = len(measured) > 1 and race(finalists)
-        pool = [c for c in finalists if np.isfinite(c.measured)] if raced else measured
-        best, reason = _choose(pool or measured, target)
+        pool = [c for c in finalists if np.isfinite(c.robust)] if raced else measured
+        if raced and not pool:  # every finalist broke on fresh noise: the others, on their first validation
+            log.warning("every finalist produced a non-finite sample on a fresh noise draw; choosing among the "
+                        "other validated plans")
+            pool, raced = [c for c in measured if not c.fresh], False
+            if not pool:
+                raise InputError(f"every candidate plan for speedup {speedup:g} produced a non-finite final sample "
+                                 "on a fresh noise draw of the calibration prompts; check the model and sampler")
+        best, reason = _choose(pool, target)
         if raced:
             reason += (f" — scored on {len(best.fresh)} fresh trajectories (further noise draws of the calibration "
                        f"prompts), among the {len(finalists)} best of the first validation")

@@ -1,6 +1,7 @@
 """optimize(method="auto"): the calibrated plan search on the trained digits model."""
 
 import logging
+import math
 
 import pytest
 import torch
@@ -194,6 +195,26 @@ def test_tolerance_is_confirmed_on_further_draws():
     assert result.best is steady and raced == ["lucky", "steady"]
     assert lucky.measured == pytest.approx(sum(lucky.more) / 3)  # judged on the fresh draws
     assert steady.measured <= 0.05 and "confirmed on 3 fresh trajectories" in result.reason
+
+
+def test_finalists_broken_on_fresh_noise_are_never_chosen():
+    """A finalist whose fresh noise draw gives a non-finite sample is out; when every finalist is, the choice falls
+    to the other validated plans (with a warning), never to a broken one."""
+    def cand(name, errors):
+        c = Candidate(name, plan=None, fraction=0.3)
+        c.record(errors, [30.0] * len(errors))
+        return c
+
+    good = [cand(f"good{i}", (0.01 * (i + 1),) * 3) for i in range(FINALISTS)]
+    spare = cand("spare", (0.5, 0.5, 0.5))
+
+    def race(cands):
+        for c in cands:
+            c.record((float("nan"), 0.01, 0.01), [math.nan] * 3, fresh=True)
+        return True
+
+    result = _run(3.0, None, None, lambda fraction: good + [spare], None, lambda cands: None, race, None)
+    assert result.best is spare and math.isfinite(result.best.robust)
 
 
 def test_unreachable_targets(model, one_prompt_profile, caplog):
