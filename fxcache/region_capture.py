@@ -107,6 +107,37 @@ def _bind(sig: inspect.Signature, args: tuple, kwargs: dict) -> dict | None:
     return named
 
 
+class _Slot:
+    """A placeholder bound in an argument's place: where the value comes from (a position or a keyword)."""
+
+    __slots__ = ("src",)
+
+    def __init__(self, src):
+        self.src = src
+
+
+class _Binder:
+    """:func:`_bind` for one block's forward, memoised per call layout (number of positional arguments, keyword names
+    in order): the first call of a layout binds placeholders with ``inspect``, later ones map positions and keywords
+    straight to the names that binding gave — what binding every block on every call would cost. Whether a layout
+    binds at all (and replays by keyword) depends on the layout alone, so it is memoised too."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.sig = _signature(module)
+        self._layouts: dict[tuple, list | None] = {}
+
+    def __call__(self, args: tuple, kwargs: dict) -> dict | None:
+        key = (len(args), tuple(kwargs))
+        try:
+            names = self._layouts[key]
+        except KeyError:
+            slots = _bind(self.sig, tuple(_Slot(i) for i in range(len(args))), {k: _Slot(k) for k in kwargs})
+            names = self._layouts[key] = None if slots is None else [(n, v.src) for n, v in slots.items()]
+        if names is None:
+            return None
+        return {name: args[src] if isinstance(src, int) else kwargs[src] for name, src in names}
+
+
 def _record(model: torch.nn.Module, forward: Callable, args: tuple, kwargs: dict) -> tuple[list[_Call], int, Any]:
     """Run ``forward`` once eagerly; the outermost repeated-block calls, the call's total FLOPs and its output."""
     blocks = _repeated_blocks(model)
@@ -283,7 +314,7 @@ class Region:
         self.step_name = step_name
         self.sample_input = sample_input
         self._outer_sig = outer_sig
-        self._block_sig = _signature(calls[0].module)
+        self._binders = [_Binder(m) for m in self.block_modules]  # made once: a call binds every block
         self.others = [[c.path for c in chain] for chain in others]
         params = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in self.first_names]
         if step_name is not None:
@@ -338,12 +369,12 @@ class Region:
         the region's arguments by name, the step value included)."""
         step = self.step_value(args, kwargs) if self.step_name is not None else None
         state: dict = {"next": 0}
-        blocks, links, first_names = self.block_modules, self.links, self.first_names
+        blocks, links, first_names, binders = self.block_modules, self.links, self.first_names, self._binders
 
         def first(*a, **k):
             if state["next"] != 0:
                 raise _ChainBroken(f"{self.blocks[0]} was called twice")
-            named = _bind(self._block_sig, a, k)
+            named = binders[0](a, k)
             if named is None or list(named) != first_names:
                 raise _ChainBroken(f"{self.blocks[0]} was called with other arguments ({list(named or ())}) than "
                                    f"when captured ({first_names})")
@@ -357,12 +388,12 @@ class Region:
 
         def later(i):
             spec, slots = links[i - 1]
-            sig = _signature(blocks[i])
+            bind = binders[i]
 
             def proxy(*a, **k):
                 if state["next"] != i:
                     raise _ChainBroken(f"{self.blocks[i]} was called out of order")
-                named = _bind(sig, a, k)
+                named = bind(a, k)
                 leaves, got = _leaves(named) if named is not None else ([], None)
                 if got != spec or not all(
                         leaf is state["outs"][v] if kind == _CARRIED else leaf is state["ins"][v] if kind == _SHARED

@@ -270,3 +270,31 @@ def test_a_chain_goes_on_into_the_next_block_list():
     opt = fxcache.optimize(model, [1], sampler=SAMPLER, method=M.Scheduled(full=2, action="reuse"), progress=False)
     assert torch.isfinite(SAMPLER(opt, 1)).all()
     assert opt.stats()["computed_fraction"] == pytest.approx(2 / STEPS)  # both stacks reused at cached steps
+
+
+def test_the_block_binder_gives_what_binding_gives_and_binds_each_layout_once(monkeypatch):
+    """A region call binds every block's call to check the chain; the binder maps a layout it has seen straight to
+    names (no ``inspect``), with the same names, order and refusals as binding each call."""
+    from fxcache import region_capture as rc
+
+    class Block(torch.nn.Module):
+        def forward(self, x, mask=None, *, scale=1.0, **extra):
+            return x
+
+    class PositionalOnly(torch.nn.Module):
+        def forward(self, x, /, y=None):
+            return x
+
+    x, m = torch.ones(2), torch.zeros(2)
+    calls = [((x,), {}), ((x, m), {}), ((x,), {"mask": m, "scale": 2.0}), ((), {"x": x, "temb": m}),
+             ((x, m, 3), {}), ((), {})]  # the last two do not bind
+    binder = rc._Binder(Block())
+    for args, kwargs in calls:
+        want = rc._bind(rc._signature(Block()), args, kwargs)
+        got = binder(args, kwargs)
+        assert (got is None) == (want is None) and (got is None or (list(got) == list(want) and all(
+            got[k] is want[k] for k in want)))
+    assert rc._Binder(PositionalOnly())((x,), {}) is None  # positional-only: not replayable by keyword
+    calls_to_bind = []
+    monkeypatch.setattr(rc, "_bind", lambda *a: calls_to_bind.append(a) or None)
+    assert binder((m,), {"mask": x, "scale": 3.0})["x"] is m and not calls_to_bind  # a known layout: no binding
