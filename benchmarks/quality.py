@@ -194,8 +194,7 @@ def _mag_ratios(model, steps: int, sampler) -> list[float]:
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed), torch.no_grad():
-            torch.manual_seed(CALIB_SEED)
-            sampler(CacheContexts(model), CALIB[0])
+            seeded(sampler, CacheContexts(model), CALIB[0], CALIB_SEED)
     finally:
         model.disable_cache()
     found = re.findall(r"\[([0-9eE.,\s+-]+)\]", printed.getvalue())
@@ -247,6 +246,13 @@ def _describe(error: Exception) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
+def seeded(sampler, denoiser, prompt, seed: int):
+    """``sampler(denoiser, prompt)`` with torch's global generator seeded ``seed`` first: a calibration trajectory,
+    drawn as ``fxcache.optimize(seed=...)`` draws it."""
+    torch.manual_seed(seed)
+    return sampler(denoiser, prompt)
+
+
 def run_config(config: Config, sampler, prompts, refs, full_flops: int, calib=None) -> dict[str, Any]:
     """One configuration on the held-out ``prompts`` (and, with ``calib=(trajectories, refs)``, on the calibration
     trajectories — ``(prompt, seed)`` pairs, the seed set in torch's global generator first: ``row["calib"]`` — what
@@ -278,8 +284,7 @@ def run_config(config: Config, sampler, prompts, refs, full_flops: int, calib=No
             seen = []
             for (prompt, seed), ref in zip(*calib):
                 config.reset(denoiser)
-                torch.manual_seed(seed)
-                got, flops = count_flops(sampler, denoiser, prompt)
+                got, flops = count_flops(seeded, sampler, denoiser, prompt, seed)
                 seen.append({**metrics(got, ref), "fraction": flops / full_flops})
             row["calib"] = {key: float(np.mean([p[key] for p in seen])) for key in ("psnr", "fraction")}
         if getattr(denoiser, "search", None) is not None:
@@ -438,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         configs += cache_dit_configs(model, args.steps, args.quick, args.peer_full)
     log.info("%d configurations", len(configs))
     trajectories = [(CALIB[i % len(CALIB)], CALIB_SEED + i) for i in range(len(CALIB) * DRAWS)]
-    calib = (trajectories, [(torch.manual_seed(seed), sampler(model, p))[1] for p, seed in trajectories])
+    calib = (trajectories, [seeded(sampler, model, p, seed) for p, seed in trajectories])
     rows = []
     for config in configs:
         rows.append(run_config(config, sampler, prompts, refs, full_flops, calib))

@@ -47,13 +47,13 @@ def optimize(model, calib_prompts: Sequence[Any], *, sampler=None, speedup: floa
     with its denoiser replaced.
 
     * ``method="auto"`` (default) searches plans (:mod:`fxcache.search`): give exactly one of ``speedup=`` (e.g.
-      ``3.0``: a floor — the plan's computed fraction is at most 1/3 (+2 %), least measured error) or
-      ``tolerance=`` (relative L2 distance of the final sample to the uncached one, mean over the calibration
-      prompts: the fastest plan within it). The chosen plan is validated by running it on the calibration prompts,
-      and the best few again on a second noise draw of each (seeds ``seed + n + i``) where the loop's noise follows
-      the seed; ``.search_report()`` shows predicted vs measured and why it was chosen. A ``speedup`` no plan reaches raises
-      :class:`~fxcache.InputError` naming the fastest possible plan; an unreachable ``tolerance`` returns the
-      uncached plan with a warning.
+      ``3.0``: a floor — the plan's computed fraction is at most 1/3 (+5 %, :data:`fxcache.search.FLOOR_SLACK`),
+      least measured error) or ``tolerance=`` (relative L2 distance of the final sample to the uncached one, mean
+      over the calibration prompts: the fastest plan within it). The chosen plan is validated by running it on the
+      calibration prompts, and the best few again on a second noise draw of each (seeds ``seed + n + i``) where the
+      loop's noise follows the seed; ``.search_report()`` shows predicted vs measured and why it was chosen. A
+      ``speedup`` no plan reaches raises :class:`~fxcache.InputError` naming the fastest possible plan; an
+      unreachable ``tolerance`` returns the uncached plan with a warning.
     * ``method=<a fxcache.methods method>`` uses that method (no target arguments). Whether the method applies to
       the model is checked from the traced graph before any calibration run.
 

@@ -246,26 +246,25 @@ class _Validator:
             self.refs = {i: run_loop(reference, i).double() for i in range(num_prompts)}
         self._extra: list[int] | None = None
 
-    def extra(self, draws: int) -> list[int]:
-        """The trajectories of draws 1 … ``draws`` − 1 whose uncached sample differs from the prompt's draw 0 (a
-        prompt whose noise does not follow the seed gives the same sample again: no new information)."""
+    def extra(self) -> list[int]:
+        """The trajectories of draws 1 … :data:`DRAWS` − 1 whose uncached sample differs from the prompt's draw 0
+        (a prompt whose noise does not follow the seed gives the same sample again: no new information)."""
         if self._extra is None:
             self._extra = []
             with torch.no_grad():
-                for i in range(self.n, self.n * max(1, draws)):
+                for i in range(self.n, self.n * DRAWS):
                     ref = self.run_loop(self.reference, i).double()
                     if not torch.equal(ref, self.refs[i % self.n]):
                         self.refs[i] = ref
                         self._extra.append(i)
-            if not self._extra and draws > 1:
+            if not self._extra and DRAWS > 1:
                 log.info("the calibration loop's noise does not follow the seed (the prompts fix it): the finalists "
                          "are validated on the calibration prompts only")
         return self._extra
 
-    def __call__(self, denoiser, trajectories: Sequence[int] | None = None) -> tuple[list[float], list[float],
-                                                                                      list[float]]:
-        """Per trajectory (default: the calibration prompts): ``(errors, PSNRs, computed fractions)``."""
-        errs, psnrs, fracs = [], [], []
+    def __call__(self, denoiser, trajectories: Sequence[int] | None = None) -> tuple[list[float], list[float]]:
+        """Per trajectory (default: the calibration prompts): ``(errors, PSNRs)``."""
+        errs, psnrs = [], []
         with torch.no_grad():
             for i in (range(self.n) if trajectories is None else trajectories):
                 ref = self.refs[i]
@@ -274,8 +273,7 @@ class _Validator:
                 mse = float((got - ref).pow(2).mean())
                 peak = float(ref.max() - ref.min()) or 1.0
                 psnrs.append(10 * math.log10(peak ** 2 / mse) if mse > 0 else math.inf)
-                fracs.append(denoiser.stats()["computed_fraction"])
-        return errs, psnrs, fracs
+        return errs, psnrs
 
 
 def robust_error(errors: Sequence[float]) -> float:
@@ -389,21 +387,19 @@ def search(prof: Profile, run_loop: Callable[[Any, int], torch.Tensor], num_prom
         bar.grow(len(todo))
         for c in todo:
             bar.step(c.name)
-            errs, psnrs, _ = validator(c.denoiser)
-            c.record(errs, psnrs)
+            c.record(*validator(c.denoiser))
 
     def race(cands: list[Candidate]) -> bool:
         """Runs ``cands`` on the further noise draws (once each), which then score them; False when no draw adds a
         trajectory."""
-        extra = validator.extra(DRAWS)
+        extra = validator.extra()
         if not extra:
             return False
         todo = [c for c in cands if not c.fresh]
         bar.grow(len(todo))
         for c in todo:
             bar.step(f"{c.name} (more draws)")
-            errs, psnrs, _ = validator(c.denoiser, extra)
-            c.record(errs, psnrs, fresh=True)
+            c.record(*validator(c.denoiser, extra), fresh=True)
         return True
 
     try:
