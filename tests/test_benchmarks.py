@@ -203,3 +203,12 @@ def test_speed_drops_full_counts_above_the_steps(tmp_path, monkeypatch, caplog, 
     with pytest.raises(SystemExit) as exit_:
         speed.main(["--steps", "4", "--full", "6", "10", "--out", str(tmp_path)])
     assert exit_.value.code == 2 and "exceeds --steps 4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.2"])
+def test_quality_refuses_a_peer_sweep_outside_the_steps(value, tmp_path, capsys, torch_state):
+    """``--peer-full`` is a fraction of the steps: outside (0, 1] the script exits 2 naming it, before any run."""
+    with pytest.raises(SystemExit) as exit_:
+        _load("quality").main(["--peer-full", value, "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2 and f"--peer-full must be in (0, 1], got {float(value)}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
